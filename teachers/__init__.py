@@ -1,0 +1,46 @@
+"""Frozen teachers behind one denoiser contract ``D(x, sigma, cond=None, guidance=1.0) -> x0``.
+
+Build one by name with :func:`build_teacher` (``{"name": "ring"}``, ``{"name": "diffusers", "path": ...}``); an
+unknown name fails with the list of valid names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from distill.registry import Registry
+
+from .analytic import GaussianMixtureTeacher, empirical, grid, ring
+from .base import Denoiser, Teacher, TeacherInfo
+from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
+
+TEACHERS: Registry = Registry("teacher")
+TEACHERS.register("ring")(ring)
+TEACHERS.register("grid")(grid)
+TEACHERS.register("diffusers")(load_diffusers_teacher)
+
+
+def build_teacher(cfg: Mapping[str, Any]) -> Teacher:
+    """Build a teacher from a config mapping with a ``name`` key and the factory's keyword arguments."""
+    cfg = dict(cfg)
+    if "name" not in cfg:
+        from distill.registry import ConfigError
+
+        raise ConfigError(f"teacher config needs a 'name'; valid teachers: {', '.join(TEACHERS.names())}")
+    name = cfg.pop("name")
+    return TEACHERS.build(name, **cfg)
+
+
+__all__ = [
+    "Denoiser",
+    "Teacher",
+    "TeacherInfo",
+    "GaussianMixtureTeacher",
+    "DiffusersTeacher",
+    "TEACHERS",
+    "build_teacher",
+    "empirical",
+    "grid",
+    "ring",
+    "load_diffusers_teacher",
+]

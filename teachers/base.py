@@ -1,0 +1,116 @@
+"""The teacher contract: a frozen denoiser ``D(x, sigma, cond=None, guidance=1.0) -> x0_hat`` with metadata.
+
+Every teacher is an ``nn.Module`` in ``eval()`` mode with ``requires_grad_(False)``. Subclasses implement
+:meth:`Teacher.denoise` (one network forward, no guidance); :meth:`Teacher.forward` adds classifier-free guidance
+``D_w = D_u + w (D_c - D_u)`` (= ``D_c + (w - 1)(D_c - D_u)``), which costs a second ``denoise`` call, and that second
+call is what :func:`distill.nfe.count_nfe` counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from distill.conversions import as_sigma
+
+__all__ = ["Denoiser", "Teacher", "TeacherInfo"]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Anything callable as ``D(x, sigma, cond=None) -> x0_hat`` (``x: [B, ...]``, ``sigma: [B]``)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+
+@dataclass
+class TeacherInfo:
+    """Metadata every teacher carries (and every checkpoint records)."""
+
+    data_shape: tuple[int, ...]
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    num_classes: int | None = None  # class-conditional if not None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_shape"] = list(self.data_shape)
+        return d
+
+
+class Teacher(nn.Module):
+    """Base class of frozen teachers. Subclasses set ``self.info`` and implement :meth:`denoise`."""
+
+    info: TeacherInfo
+
+    def __init__(self, info: TeacherInfo) -> None:
+        super().__init__()
+        self.info = info
+
+    # -- metadata shortcuts ---------------------------------------------------------------------------------
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.info.data_shape)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.info.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.info.sigma_max
+
+    @property
+    def sigma_data(self) -> float:
+        return self.info.sigma_data
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.info.num_classes
+
+    def native_sigmas(self) -> Tensor | None:
+        """The teacher's native (training) noise levels, descending, or ``None`` for continuous-time teachers."""
+        return None
+
+    # -- the contract ---------------------------------------------------------------------------------------
+    def freeze(self) -> "Teacher":
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """One network evaluation. ``cond=None`` means unconditional. Args: ``x: [B, ...]``, ``sigma: [B]``."""
+        raise NotImplementedError
+
+    def null_cond(self, cond: Tensor) -> Tensor | None:
+        """The unconditional counterpart of ``cond`` used by classifier-free guidance (default: ``None``)."""
+        return None
+
+    def check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape [B, {', '.join(map(str, self.data_shape))}], "
+                f"got {list(x.shape)}"
+            )
+
+    def forward(
+        self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None, guidance: float = 1.0
+    ) -> Tensor:
+        """``D(x, sigma, cond)`` with classifier-free guidance weight ``guidance`` (1 = none)."""
+        sigma = as_sigma(sigma, x)
+        if cond is None or guidance == 1.0:
+            return self.denoise(x, sigma, cond)
+        d_c = self.denoise(x, sigma, cond)
+        d_u = self.denoise(x, sigma, self.null_cond(cond))
+        return d_u + guidance * (d_c - d_u)
+
+    def sample_noise(
+        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Standard normal noise of the teacher's data shape, ``[n, *data_shape]`` (samplers scale it by sigma_max)."""
+        return torch.randn((n, *self.data_shape), generator=generator, device=device)

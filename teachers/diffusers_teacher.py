@@ -1,0 +1,226 @@
+"""Adapter from a diffusers network + scheduler config to the project's denoiser ``D(x, sigma, cond) -> x0``.
+
+Three scheduler families are recognised from the scheduler config's ``_class_name``; the conversions below are the
+only place in the project that knows about prediction types (design.md §3):
+
+* **EDM** (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): Karras et al. preconditioning
+  ``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_noise = edm_timestep_scale * log(sigma)`` (diffusers'
+  EDM schedulers use 0.25; the project's shipped teachers use 250 = 1000/4, the scale of openai's consistency
+  models and of ``CMStochasticIterativeScheduler``, which suits diffusers' sinusoidal timestep embedding and makes a
+  distilled consistency student load in ``ConsistencyModelPipeline``); ``prediction_type`` ``epsilon``
+  (EDM's F-prediction) or ``v_prediction`` (sign-flipped ``c_out``), exactly as diffusers' ``precondition_outputs``.
+* **VP / DDPM** (``DDPMScheduler``, ``DDIMScheduler`` and every scheduler built from ``alphas_cumprod``):
+  ``x_t = sqrt(abar) x_ve``, ``sigma_t = sqrt((1 - abar) / abar)``; the (fractional) timestep is found by linear
+  interpolation of ``log sigma`` over the discrete table, as in k-diffusion's discrete wrappers;
+  ``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``.
+* **Rectified flow** (``FlowMatchEulerDiscreteScheduler``): ``t = sigma / (1 + sigma)``, ``x_t = x_ve / (1 + sigma)``,
+  the network predicts ``u = eps - x0`` at timestep ``1000 t``.
+
+Class-conditional UNets (``num_class_embeds``) take integer labels; when the teacher folder's ``distill_teacher.json``
+names a ``null_class`` (the label trained as "no class"), classifier-free guidance is available.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.conversions import (
+    append_dims,
+    eps_to_x0,
+    rf_t_from_sigma,
+    rf_velocity_to_x0,
+    sigma_from_alpha_bar,
+    v_to_x0,
+)
+
+from .base import Teacher, TeacherInfo
+
+__all__ = ["DiffusersTeacher", "EDM_SCHEDULERS", "FLOW_SCHEDULERS", "scheduler_family", "load_diffusers_teacher"]
+
+EDM_SCHEDULERS = {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+PREDICTION_TYPES = {"epsilon", "v_prediction", "sample"}
+TEACHER_META = "distill_teacher.json"
+
+
+def scheduler_family(scheduler_config: dict[str, Any]) -> str:
+    """``"edm"``, ``"flow"`` or ``"vp"`` for a diffusers scheduler config."""
+    name = scheduler_config.get("_class_name", "DDPMScheduler")
+    if name in EDM_SCHEDULERS:
+        return "edm"
+    if name in FLOW_SCHEDULERS:
+        return "flow"
+    return "vp"
+
+
+def _alphas_cumprod(scheduler_config: dict[str, Any]) -> Tensor:
+    """The VP table ``abar_t``, t = 0..T-1, computed by diffusers' own DDPMScheduler from the config."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    sched = DDPMScheduler(**{k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None})
+    return sched.alphas_cumprod.to(torch.float64)
+
+
+class DiffusersTeacher(Teacher):
+    """A diffusers network (``UNet2DModel`` or anything with the same ``(sample, timestep, class_labels)`` call)
+    behind the denoiser contract.
+
+    Args:
+        net: the diffusers model.
+        scheduler_config: the scheduler's config dict (as saved by ``save_pretrained``).
+        null_class: label used as "unconditional" for classifier-free guidance (class-conditional nets only).
+        sigma_data: data standard deviation (EDM preconditioning and students' preconditioning).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        scheduler_config: dict[str, Any],
+        null_class: int | None = None,
+        sigma_data: float | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        edm_timestep_scale: float = 0.25,
+    ) -> None:
+        cfg = dict(scheduler_config)
+        family = scheduler_family(cfg)
+        pred = cfg.get("prediction_type", "epsilon")
+        if pred not in PREDICTION_TYPES or (family == "edm" and pred == "sample"):
+            raise ValueError(f"unsupported prediction_type {pred!r} for a {family} scheduler; valid: epsilon, "
+                             f"v_prediction{', sample' if family == 'vp' else ''}")
+        net_cfg = getattr(net, "config", {})
+        shape = (net_cfg["in_channels"], net_cfg["sample_size"], net_cfg["sample_size"]) if net_cfg else None
+        num_class_embeds = net_cfg.get("num_class_embeds") if net_cfg else None
+        num_classes = None
+        if num_class_embeds:
+            num_classes = num_class_embeds - 1 if null_class is not None else num_class_embeds
+        sd = float(sigma_data if sigma_data is not None else cfg.get("sigma_data", 0.5))
+        if family == "edm":
+            lo, hi = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
+        elif family == "flow":
+            lo, hi = 0.002, 80.0
+        else:
+            table = sigma_from_alpha_bar(_alphas_cumprod(cfg))
+            lo, hi = float(table[0]), float(table[-1])
+        info = TeacherInfo(
+            data_shape=shape,
+            sigma_min=float(sigma_min if sigma_min is not None else lo),
+            sigma_max=float(sigma_max if sigma_max is not None else min(hi, 80.0) if family == "vp" else hi),
+            sigma_data=sd,
+            num_classes=num_classes,
+            extra={"family": family, "prediction_type": pred, "scheduler": cfg.get("_class_name")},
+        )
+        super().__init__(info)
+        self.net = net
+        self.family = family
+        self.prediction_type = pred
+        self.null_class = null_class
+        self.edm_timestep_scale = float(edm_timestep_scale)
+        self.scheduler_config = cfg
+        if family == "vp":
+            self.register_buffer("log_sigmas", sigma_from_alpha_bar(_alphas_cumprod(cfg)).log(), persistent=False)
+        self.freeze()
+
+    # -- time conversions ------------------------------------------------------------------------------------
+    def sigma_to_timestep(self, sigma: Tensor) -> Tensor:
+        """Network timestep for noise level ``sigma: [B]`` (fractional for VP tables)."""
+        if self.family == "edm":
+            return self.edm_timestep_scale * sigma.log()
+        if self.family == "flow":
+            return rf_t_from_sigma(sigma) * self.scheduler_config.get("num_train_timesteps", 1000)
+        ls = self.log_sigmas.to(sigma.device)
+        x = sigma.to(ls.dtype).log().clamp(ls[0], ls[-1])
+        hi = torch.searchsorted(ls, x).clamp(1, ls.numel() - 1)
+        lo = hi - 1
+        w = (x - ls[lo]) / (ls[hi] - ls[lo])
+        return (lo + w).to(sigma.dtype)
+
+    def native_sigmas(self) -> Tensor | None:
+        if self.family == "vp":
+            return self.log_sigmas.exp().flip(0)
+        return None
+
+    # -- the contract ----------------------------------------------------------------------------------------
+    def null_cond(self, cond: Tensor) -> Tensor:
+        if self.null_class is None:
+            raise ValueError("classifier-free guidance needs a teacher trained with a null class "
+                             f"(set null_class in {TEACHER_META}); this teacher has none")
+        return torch.full_like(cond, self.null_class)
+
+    def _net(self, x_in: Tensor, timestep: Tensor, cond: Tensor | None) -> Tensor:
+        kwargs = {}
+        if self.net.config.get("num_class_embeds"):
+            if cond is None:
+                if self.null_class is None:
+                    raise ValueError("this teacher is class-conditional: pass class labels as cond")
+                cond = torch.full((x_in.shape[0],), self.null_class, device=x_in.device, dtype=torch.long)
+            kwargs["class_labels"] = cond.long()
+        out = self.net(x_in, timestep, **kwargs)
+        return out.sample if hasattr(out, "sample") else out
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        self.check_input(x)
+        s = append_dims(sigma, x.ndim)
+        t = self.sigma_to_timestep(sigma)
+        if self.family == "edm":
+            sd = self.sigma_data
+            c_in = 1 / (s**2 + sd**2).sqrt()
+            c_skip = sd**2 / (s**2 + sd**2)
+            c_out = s * sd / (s**2 + sd**2).sqrt()
+            if self.prediction_type == "v_prediction":
+                c_out = -c_out
+            return c_skip * x + c_out * self._net(c_in * x, t, cond)
+        if self.family == "flow":
+            rt = rf_t_from_sigma(sigma)
+            x_rf = x / (1 + s)
+            return rf_velocity_to_x0(x_rf, rt, self._net(x_rf, t, cond))
+        # VP: the network sees x_t = sqrt(abar) x_ve with abar = 1 / (1 + sigma^2)
+        abar = 1 / (1 + sigma**2)
+        x_t = x * append_dims(abar.sqrt(), x.ndim)
+        out = self._net(x_t, t, cond)
+        if self.prediction_type == "epsilon":
+            return eps_to_x0(x, sigma, out)
+        if self.prediction_type == "v_prediction":
+            return v_to_x0(x_t, abar, out)
+        return out
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``unet/``, ``scheduler/`` and ``distill_teacher.json`` (the layout :func:`load_diffusers_teacher` reads)."""
+        from diffusers import SchedulerMixin  # noqa: F401  (documents the dependency)
+
+        path = Path(path)
+        self.net.save_pretrained(path / "unet")
+        (path / "scheduler").mkdir(parents=True, exist_ok=True)
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        meta = {"null_class": self.null_class, "sigma_data": self.sigma_data}
+        if self.family == "edm":
+            meta["edm_timestep_scale"] = self.edm_timestep_scale
+        (path / TEACHER_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_diffusers_teacher(path: str | Path, subfolder: str = "unet", **overrides: Any) -> DiffusersTeacher:
+    """Load a teacher from a **local** diffusers folder (``unet/`` + ``scheduler/``); nothing is downloaded."""
+    from diffusers import UNet2DModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"teacher folder {str(path)!r} does not exist (a local diffusers folder with "
+                                f"{subfolder}/ and scheduler/ is expected; hub ids are not fetched)")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise FileNotFoundError(f"teacher folder {str(path)!r} has no scheduler/scheduler_config.json")
+    if not (path / subfolder / "config.json").is_file():
+        raise FileNotFoundError(f"teacher folder {str(path)!r} has no {subfolder}/config.json")
+    net = UNet2DModel.from_pretrained(path / subfolder, local_files_only=True, use_safetensors=True)
+    scheduler_config = json.loads(sched_file.read_text())
+    meta_file = path / TEACHER_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta.update(overrides)
+    return DiffusersTeacher(net, scheduler_config, **meta)
