@@ -13,11 +13,14 @@ from distill.registry import Registry
 from .analytic import GaussianMixtureTeacher, empirical, grid, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
+from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("ring")(ring)
 TEACHERS.register("grid")(grid)
 TEACHERS.register("diffusers")(load_diffusers_teacher)
+TEACHERS.register("digits")(digits_teacher)
+TEACHERS.register("empirical_digits")(empirical_digits)
 
 
 def build_teacher(cfg: Mapping[str, Any]) -> Teacher:
@@ -43,4 +46,5 @@ __all__ = [
     "grid",
     "ring",
     "load_diffusers_teacher",
+    "load_shipped_teacher",
 ]
