@@ -1,0 +1,92 @@
+"""Fresh student networks for low-dimensional data (the analytic 2-D teachers): a SiLU MLP on ``[B, D]`` inputs.
+
+The network is the *raw* ``F`` of EDM preconditioning (Karras et al. 2022, arXiv:2206.00364, eq. 7): it sees
+``c_in x`` and a sinusoidal embedding of ``c_noise = log(sigma) / 4``, never raw sigma; the student wrapper
+(:mod:`students.students`) applies ``c_skip``/``c_out``. A flow-map student passes a second noise embedding for the
+target level, and a class-conditional one a label embedding (label ``num_classes`` = "no class").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["sinusoidal_embedding", "MLPDenoiser"]
+
+
+def sinusoidal_embedding(c: Tensor, dim: int, max_freq: float = 100.0) -> Tensor:
+    """Sin/cos features of a per-sample scalar at ``dim // 2`` frequencies geometric in ``[1, max_freq]``.
+
+    Transformer positional encodings (Vaswani et al. 2017, arXiv:1706.03762, §3.5) applied to ``c_noise``, whose
+    useful range is only a few units (``log(sigma)/4`` spans [-1.6, 1.1] for sigma in [0.002, 80]); hence
+    frequencies from 1 up to ``max_freq`` rather than the 1e-4..1 of token positions.
+
+    Args:
+        c: ``[B]`` scalar per sample.
+        dim: even embedding width.
+        max_freq: highest angular frequency.
+    Returns:
+        ``[B, dim]``.
+    """
+    if dim % 2:
+        raise ValueError(f"embedding width must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), half, device=c.device, dtype=c.dtype))
+    args = c[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class MLPDenoiser(nn.Module):
+    """``F(x_in, c_noise[, c_noise_to][, label]) -> [B, D]``: a SiLU MLP on ``[B, D]`` data.
+
+    Args:
+        dim: data dimension ``D`` (inputs are flattened ``[B, D]``).
+        hidden: width of the hidden layers.
+        depth: number of hidden layers (>= 1).
+        emb_dim: width of each sinusoidal noise embedding.
+        two_levels: take a second noise embedding (the flow map's target level).
+        num_classes: add a label embedding with ``num_classes + 1`` rows (the last one means "unconditional").
+        max_freq: highest frequency of the noise embeddings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_dim: int = 64,
+        two_levels: bool = False,
+        num_classes: int | None = None,
+        max_freq: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or hidden < 1 or emb_dim < 2:
+            raise ValueError(f"MLPDenoiser needs depth >= 1, hidden >= 1, emb_dim >= 2; got {depth}, {hidden}, {emb_dim}")
+        self.dim, self.emb_dim, self.two_levels, self.num_classes = dim, emb_dim, two_levels, num_classes
+        self.max_freq = float(max_freq)
+        n_emb = 2 if two_levels else 1
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        width_in = dim + emb_dim * (n_emb + (1 if num_classes else 0))
+        layers: list[nn.Module] = [nn.Linear(width_in, hidden)]
+        for _ in range(depth - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        layers += [nn.SiLU(), nn.Linear(hidden, dim)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(
+        self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
+        """Args: ``x_in: [B, D]`` (already scaled by ``c_in``), ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps),
+        ``cond: [B]`` integer labels or ``None``. Returns ``[B, D]``."""
+        feats = [x_in, sinusoidal_embedding(c_noise, self.emb_dim, self.max_freq)]
+        if self.two_levels:
+            if c_noise_to is None:
+                raise ValueError("this MLPDenoiser was built with two_levels=True: pass c_noise_to")
+            feats.append(sinusoidal_embedding(c_noise_to, self.emb_dim, self.max_freq))
+        if self.label_emb is not None:
+            if cond is None:
+                cond = torch.full((x_in.shape[0],), self.num_classes, device=x_in.device, dtype=torch.long)
+            feats.append(self.label_emb(cond.long()))
+        return self.mlp(torch.cat([f.to(x_in.dtype) for f in feats], dim=1))
