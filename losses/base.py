@@ -29,6 +29,13 @@ class DistillLoss(nn.Module):
     phases: tuple[str, ...] = ("student",)
     #: whether the loss needs real data in the batch (``batch["x0"]``)
     needs_data: bool = False
+    #: the student kind it trains (``students.STUDENTS`` name: "generator", "consistency", "flowmap")
+    student_kind: str = "generator"
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """Constructor kwargs for a fast CPU smoke run (the shared contract test builds every loss with them)."""
+        return {}
 
     def update_every(self) -> dict[str, int]:
         """Phase -> run it on iterations where ``step % every == 0`` (DMD2: critic 1, student 5)."""
