@@ -1,0 +1,204 @@
+"""Lightning callbacks of a distillation run: FID on a schedule, sample grids, periodic atomic checkpoints.
+
+All three count training *iterations* (``DistillModule.iteration``), not Lightning's ``global_step``, which under
+manual optimisation counts optimizer steps (DMD2 takes 1 + 1/5 of them per iteration).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from distill.evaluate import EvalRow, Scorer, generate_student, student_sigmas, write_table
+
+__all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "save_sample_figure"]
+
+
+def save_sample_figure(x: torch.Tensor, path: str | Path, title: str = "") -> None:
+    """A grid PNG for images ``[B, C, H, W]`` in [-1, 1], a scatter plot for 2-D points ``[B, 2]``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if x.ndim == 4:
+        from distill.data import save_grid
+
+        save_grid(x[:64].cpu(), path)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    pts = x.reshape(x.shape[0], -1).cpu()
+    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+    ax.set_aspect("equal")
+    ax.set_xlim(-3, 3)
+    ax.set_ylim(-3, 3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class FIDCallback(L.Callback):
+    """Every ``every`` iterations, score the EMA student at each NFE with the same protocol as ``distill eval``.
+
+    The teacher's reference row (``reference_sampler`` at ``reference_nfe``) is computed once, at the first
+    evaluation. Writes ``fid_vs_step.{json,md,png}`` in ``out_dir``; in-training numbers are labelled ``proxy``.
+    """
+
+    def __init__(self, scorer: Scorer, out_dir: str | Path, every: int, nfes: list[int], n_samples: int,
+                 seed: int = 0, gamma: float = 1.0, floor: float = 0.4,
+                 explicit_sigmas: dict[str, list[float]] | None = None, reference_nfe: int = 35,
+                 reference_sampler: str = "heun", batch_size: int = 1000, guidance: float = 1.0) -> None:
+        self.scorer = scorer
+        self.out_dir = Path(out_dir)
+        self.every = every
+        self.nfes = list(nfes)
+        self.n = n_samples
+        self.seed = seed
+        self.gamma = gamma
+        self.floor = floor
+        self.explicit = explicit_sigmas or {}
+        self.reference_nfe = reference_nfe
+        self.reference_sampler = reference_sampler
+        self.batch_size = batch_size
+        self.guidance = guidance
+        self.rows: list[EvalRow] = []
+        self.reference: list[EvalRow] = []
+
+    def evaluate(self, pl_module: Any, step: int) -> list[EvalRow]:
+        from distill.evaluate import generate_teacher
+
+        if not self.reference:
+            x, nfe = generate_teacher(pl_module.teacher, self.reference_sampler, self.reference_nfe, "karras",
+                                      self.n, self.seed, self.guidance, self.batch_size)
+            rec = self.scorer(x, nfe=nfe, sampler=self.reference_sampler, grid="karras", guidance=self.guidance,
+                              seed=self.seed, model="teacher")
+            self.reference.append(EvalRow("teacher", self.reference_sampler, "karras", nfe, self.seed, rec["score"],
+                                          self.scorer.metric, rec))
+        new = []
+        student = pl_module.ema.module
+        num_classes = pl_module.teacher.num_classes if (pl_module.data is not None and pl_module.data.conditional) \
+            else None
+        for k in self.nfes:
+            sig = student_sigmas(k, student.sigma_max, self.floor, self.explicit)
+            x, nfe, sig = generate_student(student, k, self.n, self.seed, self.gamma, sig,
+                                           batch_size=self.batch_size, num_classes=num_classes)
+            rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={self.gamma})", grid=str([round(float(s), 4)
+                              for s in sig.tolist()]), guidance=1.0, seed=self.seed, model="ema_student", step=step)
+            row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)
+            new.append(row)
+            pl_module.print(f"[eval] iteration {step}: {self.scorer.metric} @ {nfe} NFE = {rec['score']:.4g}")
+            if pl_module.logger is not None:
+                pl_module.logger.log_metrics({f"eval/{self.scorer.metric}_nfe{nfe}": rec["score"]}, step=step)
+        self.rows.extend(new)
+        self.write()
+        return new
+
+    def write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "fid_vs_step.json").write_text(json.dumps(
+            {"reference": [r.__dict__ for r in self.reference], "student": [r.__dict__ for r in self.rows]},
+            indent=1, default=str))
+        lines = [f"| iteration | " + " | ".join(f"{self.scorer.metric} @ {k} NFE" for k in self.nfes) + " |",
+                 "|" + "---|" * (1 + len(self.nfes))]
+        steps = sorted({int(r.model.split("@")[1]) for r in self.rows})
+        for s in steps:
+            cells = {r.nfe: r.score for r in self.rows if r.model == f"student@{s}"}
+            lines.append(f"| {s} | " + " | ".join(f"{cells[k]:.4g}" if k in cells else "–" for k in self.nfes) + " |")
+        ref = self.reference[0] if self.reference else None
+        head = (f"Teacher reference: {ref.sampler} @ {ref.nfe} NFE = {ref.score:.4g} ({self.scorer.metric}, "
+                f"{self.n} samples, seed {self.seed}; in-training numbers are proxy).\n\n") if ref else ""
+        (self.out_dir / "fid_vs_step.md").write_text(head + "\n".join(lines) + "\n")
+        self._plot(steps)
+
+    def _plot(self, steps: list[int]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in self.nfes:
+            pts = sorted((int(r.model.split("@")[1]), r.score) for r in self.rows if r.nfe == k)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"student, {k} NFE")
+        if self.reference:
+            ax.axhline(self.reference[0].score, color="k", ls="--",
+                       label=f"teacher {self.reference[0].sampler} @ {self.reference[0].nfe} NFE")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"{self.scorer.metric} (proxy)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "fid_vs_step.png", dpi=110)
+        plt.close(fig)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = int(pl_module.iteration)
+        if self.every and k % self.every == 0 and k > 0 and trainer.is_global_zero:
+            self.evaluate(pl_module, k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": json.dumps([r.__dict__ for r in self.rows], default=str),
+                "reference": json.dumps([r.__dict__ for r in self.reference], default=str)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [EvalRow(**d) for d in json.loads(state_dict.get("rows", "[]"))]
+        self.reference = [EvalRow(**d) for d in json.loads(state_dict.get("reference", "[]"))]
+
+
+class SampleGridCallback(L.Callback):
+    """Every ``every`` iterations, save a grid (or 2-D scatter) of EMA-student samples at each NFE, and log the grid
+    image to TensorBoard when that logger is attached."""
+
+    def __init__(self, out_dir: str | Path, every: int, nfes: list[int], floor: float = 0.4, gamma: float = 1.0,
+                 explicit_sigmas: dict[str, list[float]] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.every = every
+        self.nfes = nfes
+        self.floor = floor
+        self.gamma = gamma
+        self.explicit = explicit_sigmas or {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = int(pl_module.iteration)
+        if not (self.every and (k % self.every == 0 or k == pl_module.max_steps)) or not trainer.is_global_zero:
+            return
+        for nfe in self.nfes:
+            sig = student_sigmas(nfe, pl_module.ema.module.sigma_max, self.floor, self.explicit)
+            n = 64 if len(pl_module.ema.module.data_shape) > 1 else 2000
+            x = pl_module.ema_samples(n, nfe=nfe, gamma=self.gamma, sigmas=sig)
+            path = self.out_dir / f"step{k:06d}_nfe{nfe}.png"
+            save_sample_figure(x, path, f"iteration {k}, {nfe} NFE")
+            for lg in trainer.loggers:
+                exp = getattr(lg, "experiment", None)
+                if x.ndim == 4 and hasattr(exp, "add_images"):
+                    exp.add_images(f"samples/nfe{nfe}", (x[:64].clamp(-1, 1) + 1) / 2, global_step=k)
+
+
+class IterationCheckpoint(L.Callback):
+    """Save ``last.ckpt`` every ``every`` iterations and at the end, through Lightning's checkpoint IO (which writes
+    to a temporary file and moves it into place, so an interrupted write leaves the previous checkpoint intact)."""
+
+    def __init__(self, dirpath: str | Path, every: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.every = every
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = int(pl_module.iteration)
+        if self.every and k % self.every == 0 and k > 0 and k < pl_module.max_steps:
+            trainer.save_checkpoint(self.last)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        trainer.save_checkpoint(self.last)

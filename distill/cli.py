@@ -1,0 +1,203 @@
+"""The ``distill`` command: ``train``, ``eval``, ``sample`` and ``export``.
+
+Each takes a YAML config from ``configs/`` (or none, for the built-in defaults) followed by ``key=value`` overrides,
+e.g. ``distill train configs/digits_cd.yaml trainer.max_steps=200``. Bad input ends with one line on stderr and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EPILOG = "Overrides are dotted keys: trainer.max_steps=500 loss.num_levels=40 eval.nfe=[1,2]"
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs="?" if not required else None, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="distill", description="Distil diffusion teachers into few-step students.",
+                                 epilog=EPILOG)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a student (Lightning); ends with its FID table next to the teacher's",
+                       epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="resume from OUT_DIR/checkpoints/last.ckpt (or the given checkpoint)")
+    p.add_argument("--no-final-eval", action="store_true", help="skip the final fixed-NFE evaluation")
+
+    p = sub.add_parser("eval", help="FID-vs-NFE table of the teacher's solvers (or of an exported student)",
+                       epilog=EPILOG)
+    _add_config_args(p, required=False)
+    p.add_argument("--student", help="an exported student folder to evaluate instead of the teacher's solvers")
+    p.add_argument("--out", default=None, help="output folder (default: OUT_DIR/eval_teacher or the student folder)")
+
+    p = sub.add_parser("sample", help="a grid PNG and a .npy of samples from a teacher solver or a student",
+                       epilog=EPILOG)
+    _add_config_args(p, required=False)
+    p.add_argument("--student", help="an exported student folder (no teacher needed)")
+    p.add_argument("--sampler", default="heun", help="teacher solver (euler, heun, dpmpp_2m, unipc, ...)")
+    p.add_argument("--grid", default="karras", help="noise grid for teacher solvers (karras, logsnr, uniform)")
+    p.add_argument("--nfe", type=int, default=None, help="network evaluations (default 35 teacher / 1 student)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
+    p.add_argument("--out", default="samples", help="output folder")
+
+    p = sub.add_parser("export", help="export a run's EMA student as a standalone folder")
+    p.add_argument("run", help="run directory (with checkpoints/last.ckpt) or a checkpoint file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def _cfg(args: argparse.Namespace) -> Any:
+    from distill.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distill.config import to_container
+    from distill.train import run_training
+
+    cfg = _cfg(args)
+    print(f"distill train: {cfg.name} -> {cfg.out_dir}")
+    print(json.dumps(to_container(cfg), indent=1))
+    res = run_training(cfg, resume=args.resume, final_eval=not args.no_final_eval)
+    print(f"run folder: {res['out_dir']}  checkpoint: {res['checkpoint']}  iterations: {res['iterations']}"
+          f"  skipped steps: {res['skipped_steps']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.evaluate import build_scorer, teacher_table, write_table
+
+    cfg = _cfg(args)
+    ev = cfg.eval
+    if args.student:
+        return _eval_student(args, cfg)
+    from distill.config import to_container
+    from teachers import build_teacher
+
+    teacher = build_teacher(to_container(cfg.teacher))
+    scorer = build_scorer(teacher, ev.features, ev.inception_path, ev.kind)
+    rows = teacher_table(teacher, scorer, list(ev.samplers), list(ev.grids), list(ev.teacher_nfe), list(ev.seeds),
+                         ev.n_samples, ev.reference_nfe, ev.reference_sampler, list(ev.diffusers_samplers),
+                         ev.guidance, ev.batch_size)
+    out = Path(args.out or Path(cfg.out_dir) / "eval_teacher")
+    title = (f"{cfg.teacher.get('name')}: {scorer.metric} vs NFE ({ev.n_samples} samples, seeds {list(ev.seeds)}, "
+             f"{ev.kind})")
+    paths = write_table(rows, out, "teacher_solvers", title)
+    from distill.evaluate import markdown_table
+
+    print(f"\n{title}\n{markdown_table(rows)}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
+    import torch
+
+    from distill.evaluate import EvalRow, build_scorer, generate_student, markdown_table, write_table
+    from distill.export import load_exported
+    from teachers import build_teacher
+
+    ev = cfg.eval
+    student, sampling = load_exported(args.student)
+    # The scorer needs the teacher's *data* (reference statistics), not the teacher network, for FID; for analytic
+    # teachers it samples the exact distribution.
+    from distill.config import to_container
+
+    teacher = build_teacher(to_container(cfg.teacher))
+    scorer = build_scorer(teacher, ev.features, ev.inception_path, ev.kind)
+    rows = []
+    for seed in ev.seeds:
+        for k, sig in sampling["sigmas"].items():
+            x, nfe, s = generate_student(student, int(k), ev.n_samples, seed, sampling["gamma"],
+                                         torch.tensor(sig, dtype=torch.float64), batch_size=ev.batch_size,
+                                         num_classes=sampling.get("num_classes"))
+            rec = scorer(x, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig), seed=seed,
+                         guidance=1.0, model=str(args.student))
+            rows.append(EvalRow("exported student", "student", "exported", nfe, seed, rec["score"], scorer.metric,
+                                rec))
+    out = Path(args.out or args.student)
+    write_table(rows, out, "eval_exported", f"exported student: {scorer.metric} at fixed NFE")
+    print(markdown_table(rows))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from distill.callbacks import save_sample_figure
+
+    out = Path(args.out)
+    if args.student:
+        from distill.evaluate import generate_student
+        from distill.export import load_exported
+
+        student, sampling = load_exported(args.student)
+        nfe = args.nfe or int(sampling["default_nfe"])
+        if str(nfe) not in sampling["sigmas"]:
+            raise ValueError(f"the export has sampling levels for NFE {sorted(sampling['sigmas'], key=int)}, "
+                             f"not {nfe}")
+        sig = torch.tensor(sampling["sigmas"][str(nfe)], dtype=torch.float64)
+        x, measured, _ = generate_student(student, nfe, args.n, args.seed, sampling["gamma"], sig,
+                                          num_classes=sampling.get("num_classes"))
+        what = f"student {args.student}, {measured} NFE"
+    else:
+        from distill.config import to_container
+        from distill.evaluate import generate_teacher
+        from teachers import build_teacher
+
+        cfg = _cfg(args)
+        teacher = build_teacher(to_container(cfg.teacher))
+        nfe = args.nfe or 35
+        x, measured = generate_teacher(teacher, args.sampler, nfe, args.grid, args.n, args.seed, args.guidance)
+        what = f"teacher {cfg.teacher.get('name')}, {args.sampler}/{args.grid}, {measured} NFE"
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", x.numpy())
+    save_sample_figure(x, out / "samples.png", what)
+    print(f"{what}: wrote {out / 'samples.png'} and {out / 'samples.npy'} ({list(x.shape)})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distill.export import export_checkpoint
+
+    out = export_checkpoint(args.run, args.out, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched
+    args = _parser().parse_args(argv)
+    from distill.registry import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as exc:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"distill {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

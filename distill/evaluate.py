@@ -1,0 +1,301 @@
+"""Evaluation at fixed NFE: generate with a teacher solver or a student, then score with the right metric.
+
+* Image teachers: FID on a feature extractor (the shipped digits classifier for 8x8 digits, Inception from a local
+  file otherwise), every number a :class:`distill.metrics.FIDRecord` carrying its protocol.
+* Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
+  off-mode fraction (shared/benchmarks.md "Ring"), in a record of the same shape.
+
+NFE is *measured* by wrapping the network (:func:`distill.nfe.count_nfe`), and the measured value is what is
+recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from distill.nfe import count_nfe
+from distill.schedules import karras_sigmas, make_grid
+
+__all__ = ["Scorer", "build_scorer", "student_sigmas", "generate_teacher", "generate_student", "EvalRow",
+           "teacher_table", "write_table"]
+
+
+@dataclass
+class EvalRow:
+    """One measured cell: who generated (model), how (sampler, grid, nfe), the score and its full record."""
+
+    model: str
+    sampler: str
+    grid: str
+    nfe: int
+    seed: int
+    score: float
+    metric: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Scorer:
+    """Scores a batch of samples against the teacher's data; ``metric`` names the number (``fid`` or ``sw1``)."""
+
+    metric: str = "fid"
+
+    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class FIDScorer(Scorer):
+    metric = "fid"
+
+    def __init__(self, features: str = "digits", inception_path: str | None = None, kind: str = "proxy") -> None:
+        from distill.features import build_features
+        from distill.metrics import digits_reference_stats
+
+        kw = {"weights_path": inception_path} if features == "inception" else {}
+        self.extractor = build_features(features, **kw)
+        if features != "digits":
+            raise NotImplementedError(
+                "FID reference statistics are built in for the digits only; for other data compute ReferenceStats "
+                "from your data folder with distill.metrics.ReferenceStats.from_features and pass them explicitly"
+            )
+        self.reference = digits_reference_stats(self.extractor)
+        self.kind = kind
+
+    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+        from distill.metrics import class_coverage, compute_fid
+
+        rec = compute_fid(samples, self.reference, self.extractor, kind=self.kind, **protocol)
+        out = rec.to_dict()
+        if hasattr(self.extractor, "predict"):
+            labels = self.extractor.predict(samples)
+            cov = class_coverage(labels, 10)
+            out.setdefault("extra", {})["class_coverage"] = [round(float(c), 4) for c in cov]
+        out["score"] = float(rec.fid)
+        return out
+
+
+class RingScorer(Scorer):
+    """Exact-teacher scorer for Gaussian mixtures (sliced W1 to a fixed exact set, mode mass, off-mode fraction)."""
+
+    metric = "sw1"
+
+    def __init__(self, teacher: Any, n_reference: int = 10_000, reference_seed: int = 12345) -> None:
+        g = torch.Generator().manual_seed(reference_seed)
+        self.reference = teacher.sample(n_reference, generator=g)
+        self.means = teacher.means.reshape(teacher.means.shape[0], -1).float()
+        self.reference_seed = reference_seed
+
+    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+        from distill.metrics import ring_report
+
+        rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference)
+        rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
+        return {"score": float(rep["sw1"]), "metric": "sw1", "n_samples": int(samples.shape[0]),
+                "reference": {"source": "exact teacher samples", "n": int(self.reference.shape[0]),
+                              "seed": self.reference_seed}, **rep, **protocol}
+
+
+def build_scorer(teacher: Any, features: str = "auto", inception_path: str | None = None,
+                 kind: str = "proxy") -> Scorer:
+    """Pick the metric for a teacher: exact ring metrics for mixtures, digits FID for 8x8 digits, else Inception."""
+    from teachers.analytic import GaussianMixtureTeacher
+
+    if features == "auto":
+        if isinstance(teacher, GaussianMixtureTeacher) and len(teacher.data_shape) == 1:
+            return RingScorer(teacher)
+        features = "digits" if tuple(teacher.data_shape) == (1, 8, 8) else "inception"
+    if features in ("sw1", "ring"):
+        return RingScorer(teacher)
+    return FIDScorer(features, inception_path, kind)
+
+
+def student_sigmas(nfe: int, sigma_max: float, floor: float = 0.4,
+                   explicit: dict[str, list[float]] | None = None) -> Tensor:
+    """The student's sampling levels for ``nfe`` steps, ending in 0: an explicit list if configured, else
+    ``sigma_max`` followed by ``nfe - 1`` Karras-spaced levels down to ``floor`` (a 2-step grid is [sigma_max, floor])."""
+    if explicit and str(nfe) in explicit:
+        levels = [float(s) for s in explicit[str(nfe)]]
+        if len(levels) != nfe:
+            raise ValueError(f"eval.student_sigmas[{nfe}] must list {nfe} levels, got {len(levels)}")
+        return torch.tensor(levels + [0.0], dtype=torch.float64)
+    if nfe == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    return karras_sigmas(nfe, sigma_min=floor, sigma_max=sigma_max)
+
+
+def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond: Tensor | None,
+             batch_size: int) -> Tensor:
+    outs = []
+    for i in range(0, noise.shape[0], batch_size):
+        c = None if cond is None else cond[i: i + batch_size]
+        outs.append(fn(noise[i: i + batch_size], c))
+    return torch.cat(outs)
+
+
+def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None) -> tuple[Tensor, Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *shape), generator=g)
+    cond = torch.randint(0, num_classes, (n,), generator=g) if num_classes else None
+    return noise, cond
+
+
+@torch.no_grad()
+def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras", n: int = 2000, seed: int = 0,
+                     guidance: float = 1.0, batch_size: int = 1000, diffusers: bool = False) -> tuple[Tensor, int]:
+    """Samples from the teacher with one of our solvers (or diffusers' through the bridge) at ``nfe``.
+
+    Returns ``(samples, measured_nfe)``.
+    """
+    from distill.samplers import get_sampler, steps_for_nfe
+
+    noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes)
+    den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
+    if diffusers:
+        from distill.diffusers_bridge import make_scheduler, sample_diffusers
+
+        def run(z: Tensor, c: Tensor | None) -> Tensor:
+            sched = make_scheduler(sampler, karras=(grid == "karras"))
+            return sample_diffusers(den, z, sched, nfe, cond=c)
+    else:
+        fn = get_sampler(sampler)
+        steps = steps_for_nfe(sampler, nfe)
+        sigmas = make_grid(grid, steps, teacher.sigma_min, teacher.sigma_max)
+
+        def run(z: Tensor, c: Tensor | None) -> Tensor:
+            return fn(den, z, sigmas, c)
+
+    with count_nfe(teacher) as counter:
+        x = _batched(run, noise, cond, batch_size)
+    n_batches = math.ceil(n / batch_size)
+    return x.float(), counter.calls // n_batches
+
+
+@torch.no_grad()
+def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, gamma: float = 1.0,
+                     sigmas: Tensor | None = None, floor: float = 0.4, batch_size: int = 1000,
+                     num_classes: int | None = None) -> tuple[Tensor, int, Tensor]:
+    """Samples from a student at ``nfe`` steps. Returns ``(samples, measured_nfe, sigmas)``."""
+    from students import sample_student
+
+    if sigmas is None:
+        sigmas = student_sigmas(nfe, student.sigma_max, floor)
+    noise, cond = _noise(student.data_shape, n, seed, num_classes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    was_training = student.training
+    student.eval()
+    with count_nfe(student, "x0_estimate") as counter:
+        x = _batched(lambda z, c: sample_student(student, z, sigmas, gamma=gamma, cond=c, generator=gen),
+                     noise, cond, batch_size)
+    student.train(was_training)
+    return x.float(), counter.calls // math.ceil(n / batch_size), sigmas
+
+
+def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list[str], nfes: list[int],
+                  seeds: list[int], n: int, reference_nfe: int = 35, reference_sampler: str = "heun",
+                  diffusers_samplers: list[str] | None = None, guidance: float = 1.0, batch_size: int = 1000,
+                  progress: bool = True, model: str = "teacher") -> list[EvalRow]:
+    """The FID-vs-NFE table of the teacher's training-free solvers (ours and diffusers'), plus the reference row."""
+    from tqdm.auto import tqdm
+
+    jobs: list[tuple[str, str, int, bool]] = []
+    for s in samplers:
+        for g in grids:
+            for k in nfes:
+                jobs.append((s, g, k, False))
+    for s in diffusers_samplers or []:
+        for g in grids:
+            for k in nfes:
+                jobs.append((s, g, k, True))
+    jobs.append((reference_sampler, "karras", reference_nfe, False))
+    rows: list[EvalRow] = []
+    bar = tqdm(total=len(jobs) * len(seeds), desc="teacher solvers", disable=not progress)
+    for s, g, k, is_diffusers in jobs:
+        for seed in seeds:
+            x, measured = generate_teacher(teacher, s, k, g, n, seed, guidance, batch_size, is_diffusers)
+            name = f"diffusers:{s}" if is_diffusers else s
+            rec = scorer(x, nfe=measured, sampler=name, grid=g, guidance=guidance, seed=seed, model=model)
+            rows.append(EvalRow(model, name, g, measured, seed, rec["score"], scorer.metric, rec))
+            bar.update(1)
+            bar.set_postfix_str(f"{name}/{g}@{measured}: {rec['score']:.3g}")
+    bar.close()
+    return rows
+
+
+def summarise(rows: list[EvalRow]) -> dict[tuple[str, str, str], dict[int, tuple[float, float, int]]]:
+    """(model, sampler, grid) -> nfe -> (mean, sd, n_seeds)."""
+    groups: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        groups.setdefault((r.model, r.sampler, r.grid), {}).setdefault(r.nfe, []).append(r.score)
+    out: dict[tuple[str, str, str], dict[int, tuple[float, float, int]]] = {}
+    for key, by_nfe in groups.items():
+        out[key] = {}
+        for k, vals in by_nfe.items():
+            t = torch.tensor(vals, dtype=torch.float64)
+            sd = float(t.std()) if len(vals) > 1 else 0.0
+            out[key][k] = (float(t.mean()), sd, len(vals))
+    return out
+
+
+def markdown_table(rows: list[EvalRow]) -> str:
+    """Rows = (model, sampler, grid); columns = every NFE measured; cells = mean ± sd over seeds."""
+    if not rows:
+        return ""
+    summary = summarise(rows)
+    nfes = sorted({r.nfe for r in rows})
+    metric = rows[0].metric
+    head = f"| model | sampler | grid | " + " | ".join(f"{metric} @ NFE {k}" for k in nfes) + " |"
+    sep = "|" + "---|" * (3 + len(nfes))
+    lines = [head, sep]
+    for (model, sampler, grid), by_nfe in summary.items():
+        cells = []
+        for k in nfes:
+            if k in by_nfe:
+                m, sd, n = by_nfe[k]
+                cells.append(f"{m:.4g} ± {sd:.2g}" if n > 1 else f"{m:.4g}")
+            else:
+                cells.append("–")
+        lines.append(f"| {model} | {sampler} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
+    """Score vs NFE (log-log), one line per (model, sampler, grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (model, sampler, grid), by_nfe in summary.items():
+        ks = sorted(by_nfe)
+        ax.errorbar(ks, [by_nfe[k][0] for k in ks], yerr=[by_nfe[k][1] for k in ks], marker="o", capsize=2,
+                    label=f"{model}: {sampler}/{grid}" if model != "teacher" else f"{sampler}/{grid}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(rows[0].metric if rows else "")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_table(rows: list[EvalRow], out_dir: str | Path, stem: str = "eval", title: str = "") -> dict[str, Path]:
+    """Write ``<stem>.json`` (every record), ``<stem>.md`` (mean ± sd table) and ``<stem>.png`` (plot)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
+    paths["md"].write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    plot_rows(rows, paths["png"], title)
+    return paths

@@ -1,0 +1,168 @@
+"""``distill export``: a distilled student as a folder that stands alone (design.md §5).
+
+The folder holds
+
+* ``model.safetensors`` — the EMA student's weights (no pickles);
+* ``student_config.json`` — the constructor config ``students.build_student_from_config`` rebuilds it from;
+* ``sampling.json`` — the noise levels per NFE and the gamma it was evaluated with, so nobody passes a timestep list
+  by hand;
+* ``fid.json`` — the FID records (with protocol) of the run, when it has them;
+* ``README.md`` — a model card;
+* ``diffusers/`` — for a pixel consistency student of an EDM teacher, a folder that diffusers'
+  ``ConsistencyModelPipeline`` loads (``unet/`` + ``scheduler/`` with ``CMStochasticIterativeScheduler``).
+
+It is written to a temporary folder first and moved into place, so an interrupted export leaves nothing half-written.
+:func:`load_exported` reads it back; ``distill sample`` and ``distill eval`` use it without the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.evaluate import student_sigmas
+
+__all__ = ["export_checkpoint", "load_exported", "find_checkpoint"]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run directory (``checkpoints/last.ckpt`` inside) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        cand = path / "checkpoints" / "last.ckpt"
+        if not cand.is_file():
+            raise FileNotFoundError(f"run directory {str(path)!r} has no checkpoints/last.ckpt")
+        return cand
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
+    return path
+
+
+def _ema_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "ema.module."
+    out = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError("checkpoint has no EMA student weights (ema.module.*)")
+    return out
+
+
+def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None = None,
+                      overwrite: bool = False) -> Path:
+    """Export the EMA student of a run directory or checkpoint to the folder ``out``."""
+    from distill.train import load_training_checkpoint
+    from students import build_student_from_config
+
+    ckpt_path = find_checkpoint(path)
+    ckpt = load_training_checkpoint(ckpt_path)
+    meta = ckpt["distill"]
+    cfg = meta["config"]
+    student = build_student_from_config(meta["student_config"])
+    weights = _ema_state(ckpt["state_dict"])
+    student.load_state_dict(weights, strict=True)
+    ev = cfg.get("eval", {})
+    nfes = nfes or list(ev.get("nfe", [1, 2, 4]))
+    explicit = ev.get("student_sigmas") or {}
+    floor = float(ev.get("student_sigma_floor", 0.4))
+    sampling = {
+        "sampler": "students.sample_student",
+        "gamma": float(ev.get("gamma", 1.0)),
+        "sigmas": {str(k): student_sigmas(k, student.sigma_max, floor, explicit).tolist() for k in nfes},
+        "default_nfe": int(nfes[0]),
+        "data_shape": list(student.data_shape),
+        "num_classes": meta.get("teacher_info", {}).get("num_classes"),
+    }
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export folder {str(out)!r} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(student.state_dict(), tmp / "model.safetensors")
+        (tmp / "student_config.json").write_text(json.dumps(meta["student_config"], indent=2))
+        (tmp / "sampling.json").write_text(json.dumps(sampling, indent=2))
+        run_dir = ckpt_path.parent.parent
+        records: dict[str, Any] = {}
+        for name in ("eval.json", "fid_vs_step.json"):
+            f = run_dir / name
+            if f.is_file():
+                records[name.removesuffix(".json")] = json.loads(f.read_text())
+        (tmp / "fid.json").write_text(json.dumps(records, indent=1))
+        (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2))
+        diffusers_note = ""
+        if hasattr(student, "export_diffusers"):
+            try:
+                student.export_diffusers(tmp / "diffusers")
+                diffusers_note = ("`diffusers/` loads in diffusers' `ConsistencyModelPipeline` "
+                                  "(`ConsistencyModelPipeline.from_pretrained(path / 'diffusers')`).")
+            except NotImplementedError as exc:
+                diffusers_note = f"No diffusers pipeline folder: {exc}"
+        (tmp / "README.md").write_text(model_card(cfg, meta, sampling, run_dir, diffusers_note))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(cfg: dict[str, Any], meta: dict[str, Any], sampling: dict[str, Any], run_dir: Path,
+               diffusers_note: str) -> str:
+    summary = run_dir / "eval.md"
+    table = summary.read_text() if summary.is_file() else "(no final evaluation was recorded for this run)\n"
+    sigmas = "\n".join(f"- {k} NFE: `{[round(s, 5) for s in v]}`" for k, v in sampling["sigmas"].items())
+    return f"""# Distilled student: {cfg.get('name', 'run')}
+
+- teacher: `{json.dumps(cfg.get('teacher'))}`
+- student: `{meta['student_config'].get('kind', '?')}` ({json.dumps(cfg.get('student'))})
+- loss: `{json.dumps(cfg.get('loss'))}`
+- trained for {meta.get('iteration')} iterations; weights are the EMA (decay {cfg.get('ema_decay')})
+
+## Sampling
+
+`students.sample_student(student, noise, sigmas, gamma={sampling['gamma']})` with standard-normal noise and these
+noise levels (VE/EDM sigma; the final 0 is the jump to data):
+
+{sigmas}
+
+Load and sample without the teacher:
+
+```python
+from distill.export import load_exported
+student, sampling = load_exported("{'{this folder}'}")
+```
+
+or `distill sample --student <this folder> --nfe 1`.
+
+{diffusers_note}
+
+## Evaluation
+
+{table}
+"""
+
+
+def load_exported(path: str | Path, map_location: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Rebuild an exported student (weights loaded, eval mode) and its sampling settings."""
+    from students import build_student_from_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"exported student folder {str(path)!r} does not exist")
+    for name in ("model.safetensors", "student_config.json", "sampling.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"exported student folder {str(path)!r} has no {name}")
+    student = build_student_from_config(json.loads((path / "student_config.json").read_text()))
+    try:
+        weights = load_file(path / "model.safetensors", device=map_location)
+    except Exception as exc:
+        raise ValueError(f"{str(path / 'model.safetensors')!r} is corrupt or truncated ({exc})") from None
+    student.load_state_dict(weights, strict=True)
+    student.eval().requires_grad_(False)
+    return student, json.loads((path / "sampling.json").read_text())

@@ -1,0 +1,214 @@
+"""``distill train``: build teacher, student, loss and data from a config, train with Lightning, evaluate, report.
+
+A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/last.ckpt``, TensorBoard and CSV logs,
+sample grids, ``fid_vs_step.{json,md,png}`` and the final ``eval.{json,md,png}`` (student at each NFE next to the
+teacher's reference solver).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from distill.config import save_config, to_container
+from distill.registry import ConfigError
+
+__all__ = ["build_components", "build_module", "run_training", "load_training_checkpoint"]
+
+
+def build_components(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Teacher, student and loss from a resolved config (shape mismatches fail with one line)."""
+    from losses import build_loss
+    from students import build_student
+    from teachers import build_teacher
+
+    teacher = build_teacher(to_container(cfg.teacher))
+    loss_cfg = dict(to_container(cfg.loss))
+    if "name" not in loss_cfg:
+        from losses import LOSSES
+
+        raise ConfigError(f"loss config needs a 'name'; valid losses: {', '.join(LOSSES.names())}")
+    loss = build_loss(loss_cfg.pop("name"), **loss_cfg)
+    student_cfg = dict(to_container(cfg.student))
+    if "name" not in student_cfg:
+        student_cfg["name"] = getattr(loss, "student_kind", "generator")
+    student = build_student(student_cfg.pop("name"), teacher, **student_cfg)
+    if tuple(student.data_shape) != tuple(teacher.data_shape):
+        raise ConfigError(f"student data shape {list(student.data_shape)} does not match the teacher's "
+                          f"{list(teacher.data_shape)}")
+    return teacher, student, loss
+
+
+def build_data(cfg: DictConfig, teacher: Any) -> Any:
+    from distill.module import DataSource
+
+    name = cfg.data.name
+    if name is None:
+        return None
+    if name == "teacher":
+        if not hasattr(teacher, "sample"):
+            raise ConfigError("data.name=teacher needs an analytic teacher with exact samples; use digits or mnist")
+        return DataSource(cfg.data.batch_size, cfg.seed, sampler=teacher, conditional=cfg.data.conditional)
+    from distill.data import build_dataset
+
+    ds = build_dataset(name)
+    images, labels = ds.tensors
+    if tuple(images.shape[1:]) != tuple(teacher.data_shape):
+        raise ConfigError(f"dataset {name!r} has shape {list(images.shape[1:])} but the teacher expects "
+                          f"{list(teacher.data_shape)}")
+    return DataSource(cfg.data.batch_size, cfg.seed, images=images, labels=labels, conditional=cfg.data.conditional)
+
+
+def build_module(cfg: DictConfig) -> Any:
+    from distill.module import DistillModule
+
+    teacher, student, loss = build_components(cfg)
+    data = build_data(cfg, teacher)
+    optim = {k: v for k, v in cfg.optim.items()}
+    return DistillModule(teacher, student, loss, optim, data=data, ema_decay=cfg.ema_decay,
+                         max_steps=cfg.trainer.max_steps, seed=cfg.seed, log_every=cfg.trainer.log_every,
+                         config=to_container(cfg))
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint safely (``weights_only=True``: no pickled code), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, pickled objects refused by weights_only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt, truncated or not a distill checkpoint ({first})") \
+            from None
+    if not isinstance(ckpt, dict) or "distill" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {str(path)!r} was not written by distill train")
+    return ckpt
+
+
+def check_resume_compatible(ckpt: dict[str, Any], module: Any, path: Path) -> None:
+    """Fail with one line if the checkpoint's networks do not match the configured ones."""
+    saved = ckpt["state_dict"]
+    own = module.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape))
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(f"{len(bad_shape)} with another shape (e.g. {k}: {list(saved[k].shape)} vs "
+                         f"{list(own[k].shape)})")
+        raise ValueError(f"checkpoint {str(path)!r} does not match this config's networks: " + "; ".join(parts))
+
+
+def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="tb", version="")]
+    if cfg.trainer.progress_bar:
+        callbacks = callbacks + [TQDMProgressBar(refresh_rate=10)]
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_epochs=1,
+        max_steps=-1,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+
+
+def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool = True) -> dict[str, Any]:
+    """Train (or resume) a run; returns paths and the final evaluation rows."""
+    import lightning as L
+
+    from distill.callbacks import FIDCallback, IterationCheckpoint, SampleGridCallback
+    from distill.evaluate import build_scorer
+
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out_dir = Path(cfg.out_dir)
+    module = build_module(cfg)
+    ckpt_path = None
+    if resume:
+        ckpt_path = Path(resume) if isinstance(resume, str) else out_dir / "checkpoints" / "last.ckpt"
+        ckpt = load_training_checkpoint(ckpt_path)
+        check_resume_compatible(ckpt, module, ckpt_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    ev = cfg.eval
+    scorer = build_scorer(module.teacher, ev.features, ev.inception_path, ev.kind) if (ev.every or final_eval) \
+        else None
+    callbacks: list[Any] = []
+    fid_cb = None
+    if ev.every and scorer is not None:
+        fid_cb = FIDCallback(scorer, out_dir, ev.every, list(ev.nfe), ev.n_samples, ev.seeds[0], ev.gamma,
+                             ev.student_sigma_floor, to_container(ev.student_sigmas), ev.reference_nfe,
+                             ev.reference_sampler, ev.batch_size, ev.guidance)
+        callbacks.append(fid_cb)
+    if cfg.trainer.grid_every:
+        callbacks.append(SampleGridCallback(out_dir / "samples", cfg.trainer.grid_every, list(ev.nfe),
+                                            ev.student_sigma_floor, ev.gamma, to_container(ev.student_sigmas)))
+    ckpt_cb = IterationCheckpoint(out_dir / "checkpoints", cfg.trainer.ckpt_every)
+    callbacks.append(ckpt_cb)
+    trainer = make_trainer(cfg, out_dir, callbacks)
+    trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True if ckpt_path else None)
+    result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
+                              "iterations": int(module.iteration), "skipped_steps": int(module.skipped_steps)}
+    if final_eval and scorer is not None and trainer.is_global_zero:
+        result["eval"] = final_evaluation(module, scorer, cfg, out_dir, fid_cb)
+    return result
+
+
+def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, fid_cb: Any = None) -> dict[str, Any]:
+    """The EMA student at each NFE over every eval seed, next to the teacher's reference solver; written as
+    ``eval.{json,md,png}`` and printed."""
+    from distill.evaluate import EvalRow, generate_student, generate_teacher, markdown_table, student_sigmas, \
+        write_table
+
+    ev = cfg.eval
+    rows: list[EvalRow] = []
+    student = module.ema.module
+    conditional = module.data is not None and module.data.conditional
+    for seed in ev.seeds:
+        x, nfe = generate_teacher(module.teacher, ev.reference_sampler, ev.reference_nfe, "karras", ev.n_samples,
+                                  seed, ev.guidance, ev.batch_size)
+        rec = scorer(x, nfe=nfe, sampler=ev.reference_sampler, grid="karras", guidance=ev.guidance, seed=seed,
+                     model="teacher")
+        rows.append(EvalRow("teacher", ev.reference_sampler, "karras", nfe, seed, rec["score"], scorer.metric, rec))
+        for k in ev.nfe:
+            sig = student_sigmas(k, student.sigma_max, ev.student_sigma_floor, to_container(ev.student_sigmas))
+            x, nfe, sig = generate_student(student, k, ev.n_samples, seed, ev.gamma, sig, batch_size=ev.batch_size,
+                                           num_classes=module.teacher.num_classes if conditional else None)
+            rec = scorer(x, nfe=nfe, sampler=f"student(gamma={ev.gamma})",
+                         grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
+                         model=f"{cfg.name}:ema_student", step=int(module.iteration))
+            rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", nfe, seed, rec["score"],
+                                scorer.metric, rec))
+    paths = write_table(rows, out_dir, "eval", f"{cfg.name}: {scorer.metric} at fixed NFE "
+                        f"({ev.n_samples} samples, seeds {list(ev.seeds)}, iteration {int(module.iteration)})")
+    table = markdown_table(rows)
+    print(f"\n{cfg.name}: {scorer.metric} at fixed NFE after {int(module.iteration)} iterations "
+          f"({ev.n_samples} samples, seeds {list(ev.seeds)})\n{table}\n")
+    (out_dir / "eval_summary.json").write_text(json.dumps({"table": table, "paths": {k: str(v) for k, v in
+                                                                                     paths.items()}}, indent=1))
+    return {"rows": [r.__dict__ for r in rows], "table": table}
