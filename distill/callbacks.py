@@ -198,7 +198,7 @@ class IterationCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         k = int(pl_module.iteration)
         if self.every and k % self.every == 0 and k > 0 and k < pl_module.max_steps:
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        trainer.save_checkpoint(self.last)
+        trainer.save_checkpoint(self.last, weights_only=False)

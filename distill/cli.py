@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 def _cfg(args: argparse.Namespace) -> Any:
     from distill.config import load_config
 
-    return load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides or [])
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides  # no config file given, only overrides
+    return load_config(config, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -186,7 +189,17 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export"
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`train cfg.yaml --resume a=1 b=2`): argparse cannot intermix
+    # positionals with subparsers, so leftovers of the form key=value are taken as overrides.
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     from distill.registry import ConfigError
 
     try:

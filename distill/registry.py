@@ -29,8 +29,9 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) 
 class Registry(Generic[T]):
     """Map names to classes or factories. ``@REG.register("name")`` adds one; :meth:`get` fails with the valid names."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or (kind + "es" if kind.endswith(("s", "sh", "ch", "x")) else kind + "s")
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -48,7 +49,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}")
         return self._items[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:

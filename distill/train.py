@@ -115,7 +115,9 @@ def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="tb", version="")]
+    # CSV: a new version folder per launch (a resumed run must not overwrite the first part's log); TensorBoard
+    # appends a new event file to the same folder, so its curves continue across a resume.
+    loggers = [CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb", version="")]
     if cfg.trainer.progress_bar:
         callbacks = callbacks + [TQDMProgressBar(refresh_rate=10)]
     return L.Trainer(
@@ -123,7 +125,7 @@ def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
         devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
-        max_epochs=1,
+        max_epochs=-1,  # the stream is endless; DistillModule stops at trainer.max_steps iterations
         max_steps=-1,
         logger=loggers,
         callbacks=callbacks,
@@ -138,6 +140,8 @@ def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
 
 def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool = True) -> dict[str, Any]:
     """Train (or resume) a run; returns paths and the final evaluation rows."""
+    import warnings
+
     import lightning as L
 
     from distill.callbacks import FIDCallback, IterationCheckpoint, SampleGridCallback
@@ -171,6 +175,8 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     ckpt_cb = IterationCheckpoint(out_dir / "checkpoints", cfg.trainer.ckpt_every)
     callbacks.append(ckpt_cb)
     trainer = make_trainer(cfg, out_dir, callbacks)
+    # The frozen teacher is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True if ckpt_path else None)
     result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
                               "iterations": int(module.iteration), "skipped_steps": int(module.skipped_steps)}
