@@ -94,14 +94,10 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
                 records[name.removesuffix(".json")] = json.loads(f.read_text())
         (tmp / "fid.json").write_text(json.dumps(records, indent=1))
         (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2))
-        diffusers_note = ""
-        if hasattr(student, "export_diffusers"):
-            try:
-                student.export_diffusers(tmp / "diffusers")
-                diffusers_note = ("`diffusers/` loads in diffusers' `ConsistencyModelPipeline` "
-                                  "(`ConsistencyModelPipeline.from_pretrained(path / 'diffusers')`).")
-            except NotImplementedError as exc:
-                diffusers_note = f"No diffusers pipeline folder: {exc}"
+        try:
+            diffusers_note = export_consistency_pipeline(student, tmp / "diffusers", sampling)
+        except NotImplementedError as exc:
+            diffusers_note = f"No diffusers pipeline folder was written: {exc}"
         (tmp / "README.md").write_text(model_card(cfg, meta, sampling, run_dir, diffusers_note))
         if out.exists():
             shutil.rmtree(out)
@@ -110,6 +106,49 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_consistency_pipeline(student: Any, folder: Path, sampling: dict[str, Any]) -> str:
+    """Write a folder diffusers' ``ConsistencyModelPipeline`` loads, for a consistency student whose backbone is the
+    raw UNet of an EDM teacher with ``edm_timestep_scale = 250`` (then the student's ``c_in``, network timestep
+    ``250 log sigma`` and boundary ``c_skip/c_out`` are exactly ``CMStochasticIterativeScheduler``'s).
+
+    Returns the model-card paragraph that says how to sample it. Raises ``NotImplementedError`` (with the reason) for
+    students that pipeline cannot express.
+    """
+    import numpy as np
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+    bb = getattr(student, "backbone", {})
+    if getattr(student, "kind", None) != "consistency":
+        raise NotImplementedError(f"diffusers has no pipeline for a {getattr(student, 'kind', '?')} student; load it "
+                                  "with distill.export.load_exported")
+    if bb.get("type") != "diffusers" or getattr(student.net, "family", None) != "edm" \
+            or float(bb.get("edm_timestep_scale", 0)) != 250.0 or student.net.prediction_type != "epsilon":
+        raise NotImplementedError("ConsistencyModelPipeline needs a UNet consistency student of an EDM teacher "
+                                  "with edm_timestep_scale=250 and epsilon (F) prediction")
+    num_train_timesteps = 1000  # the Karras discretisation the pipeline's integer timesteps index
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=num_train_timesteps, sigma_min=student.sigma_min,
+                                               sigma_max=student.sigma_max, sigma_data=student.sigma_data, rho=7.0,
+                                               clip_denoised=False)
+    pipe = ConsistencyModelPipeline(unet=student.net.net, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # The pipeline's timestep i means Karras level i of num_train_timesteps: map our levels to the nearest ones.
+    ramp = np.linspace(0, 1, num_train_timesteps)
+    karras = (student.sigma_max ** (1 / 7) + ramp * (student.sigma_min ** (1 / 7) - student.sigma_max ** (1 / 7))) ** 7
+    lines = []
+    for k, levels in sampling["sigmas"].items():
+        idx = [int(np.abs(karras - s).argmin()) for s in levels[:-1]]
+        got = [round(float(karras[i]), 4) for i in idx]
+        lines.append(f"- {k} NFE: `pipe(timesteps={idx}, num_inference_steps=None)` (levels {got})")
+    return ("`diffusers/` loads in diffusers' `ConsistencyModelPipeline` (`unet/` + `scheduler/` with "
+            "`CMStochasticIterativeScheduler`, `clip_denoised=False`):\n\n"
+            "```python\nfrom diffusers import ConsistencyModelPipeline\n"
+            "pipe = ConsistencyModelPipeline.from_pretrained('<this folder>/diffusers')\n```\n\n"
+            "For 1-channel images pass `generator=` rather than `latents=` (diffusers checks latents for 3 "
+            "channels). One step is identical to `distill sample --nfe 1` (a test checks it); for several steps pass the "
+            "timesteps below (diffusers re-noises to `sqrt(sigma^2 - sigma_min^2)`, ours to `sigma`):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def model_card(cfg: dict[str, Any], meta: dict[str, Any], sampling: dict[str, Any], run_dir: Path,
