@@ -1,0 +1,127 @@
+"""Toolkit overhead: one training iteration through ``distill train``'s Lightning module vs the same computation in a
+bare PyTorch loop, on the same tensors (shared/benchmarks.md: within 5%).
+
+Both sides use the same teacher (the digits teacher's architecture, 1.1 M parameters, 8x8, batch 128), the same
+loss object, the same optimizer, gradient clipping and EMA update; the Lightning side adds what a run adds (manual
+optimisation, the NaN guard, per-network gradient norms, logging every ``log_every`` iterations, the progress bar).
+Timing is wall-clock between iteration ``warmup`` and the last one, repeated ``--repeats`` times alternating the two
+sides; the median ratio is reported. Usage::
+
+    python scripts/bench_overhead.py --loss cd --iters 60 --repeats 5 --json docs/bench_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_cfg(loss: str, iters: int, out: str):
+    from distill.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = "digits_cd.yaml" if loss == "cd" else "digits_dmd2.yaml"
+    return load_config(root / "configs" / cfg, [f"trainer.max_steps={iters}", "eval.every=0", "trainer.grid_every=0",
+                                                "trainer.ckpt_every=0", f"out_dir={out}", "trainer.log_every=50"])
+
+
+def lightning_run(cfg, warmup: int) -> float:
+    import lightning as L
+
+    from distill.train import build_module, make_trainer
+
+    module = build_module(cfg)
+    marks: dict[str, float] = {}
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if int(pl_module.iteration) == warmup:
+                marks["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if int(pl_module.iteration) == pl_module.max_steps:
+                marks["end"] = time.perf_counter()
+
+    trainer = make_trainer(cfg, Path(cfg.out_dir), [Clock()])
+    trainer.fit(module)
+    return (marks["end"] - marks["start"]) / (cfg.trainer.max_steps - warmup)
+
+
+def bare_run(cfg, warmup: int) -> float:
+    """The same iterations without Lightning: loss phases in their ratio, backward, clip, step, EMA."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from distill.module import build_optimizer
+    from distill.train import build_components, build_data
+
+    torch.manual_seed(cfg.seed)
+    teacher, student, loss = build_components(cfg)
+    data = build_data(cfg, teacher)
+    loss.setup(student, teacher)
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    opts = {p: build_optimizer(loss.phase_parameters(p, student), cfg.optim[p]) for p in loss.phases}
+    t0 = 0.0
+    for k in range(cfg.trainer.max_steps):
+        if k == warmup:
+            t0 = time.perf_counter()
+        batch = data.batch(k) if data is not None else {"batch_size": 1}
+        for phase in loss.phases_for_step(k):
+            opts[phase].zero_grad(set_to_none=True)
+            terms = loss(phase, student, teacher, batch, k)
+            terms["loss"].backward()
+            params = loss.phase_parameters(phase, student)
+            if cfg.optim[phase].grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim[phase].grad_clip)
+            opts[phase].step()
+            loss.after_step(phase, student, k)
+            if phase == "student":
+                ema.update_parameters(student)
+    return (time.perf_counter() - t0) / (cfg.trainer.max_steps - warmup)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--loss", default="cd", choices=["cd", "dmd2"])
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import tempfile
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    res = {"lightning": [], "bare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_cfg(args.loss, args.iters, tmp)
+        for r in range(args.repeats):
+            # alternate the order so drift on a shared machine hits both sides alike
+            sides = ("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")
+            for side in sides:
+                t = bare_run(cfg, args.warmup) if side == "bare" else lightning_run(cfg, args.warmup)
+                res[side].append(t)
+                print(f"repeat {r} {side:9s}: {1000 * t:.1f} ms / iteration", flush=True)
+    ratios = [a / b for a, b in zip(res["lightning"], res["bare"])]
+    out = {
+        "loss": args.loss, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
+        "threads": args.threads, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "median_ms": {k: 1000 * statistics.median(v) for k, v in res.items()},
+        "ratio_median": statistics.median(ratios), "ratios": ratios,
+        "overhead_pct": 100 * (statistics.median(ratios) - 1),
+    }
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
