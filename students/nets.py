@@ -63,7 +63,8 @@ class MLPDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1 or hidden < 1 or emb_dim < 2:
-            raise ValueError(f"MLPDenoiser needs depth >= 1, hidden >= 1, emb_dim >= 2; got {depth}, {hidden}, {emb_dim}")
+            raise ValueError(f"MLPDenoiser needs depth >= 1, hidden >= 1, emb_dim >= 2; got {depth}, {hidden}, "
+                             f"{emb_dim}")
         self.dim, self.emb_dim, self.two_levels, self.num_classes = dim, emb_dim, two_levels, num_classes
         self.max_freq = float(max_freq)
         n_emb = 2 if two_levels else 1

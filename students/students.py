@@ -24,7 +24,6 @@ import copy
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from distill.conversions import append_dims

@@ -1,0 +1,206 @@
+"""Consistency distillation (``losses/cd.py``): the closed-form residual of methods.md §4.3, the data-free teacher
+rollout against the exact ODE solution, a short training run, and the EMA target's isolation from gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.registry import ConfigError
+from losses import LOSSES, build_loss
+from losses.cd import icm_weight, karras_subgrid, pseudo_huber, squared_l2
+from students import FlowMapStudent, build_student, sample_student
+from teachers import GaussianMixtureTeacher, ring
+
+torch.set_num_threads(1)
+
+M, S = 1.0, 0.5  # Gaussian data N(M, S^2): the calibration case of methods.md §4.3
+
+
+def gaussian_teacher(dim: int = 1) -> GaussianMixtureTeacher:
+    return GaussianMixtureTeacher(torch.full((1, dim), M, dtype=torch.float64), S)
+
+
+def exact_consistency(x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    """f*(x, sigma) = M + (x - M) S / sqrt(S^2 + sigma^2): the PF-ODE solution at sigma = 0 (methods.md §4.3)."""
+    return M + (x - M) * (S / (S**2 + sigma**2).sqrt())[:, None]
+
+
+class ExactConsistencyStudent(FlowMapStudent):
+    """A parameter-free student whose consistency function is f* (to drive the loss's forward())."""
+
+    kind = "consistency"
+
+    def __init__(self) -> None:
+        super().__init__((1,), 0.002, 80.0, S)
+
+    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
+        return exact_consistency(x, sigma_from)
+
+
+def mean_sq_residual(solver: str, n_levels: int, batch: int = 100_000) -> float:
+    teacher = gaussian_teacher()
+    loss = build_loss("cd", num_levels=n_levels, solver=solver)
+    loss.setup(ExactConsistencyStudent(), teacher)
+    g = torch.Generator().manual_seed(0)
+    x0 = M + S * torch.randn(batch, 1, generator=g, dtype=torch.float64)
+    z = torch.randn(batch, 1, generator=g, dtype=torch.float64)
+    n = torch.randint(0, n_levels - 1, (batch,), generator=g)
+    return float(loss.residual(exact_consistency, exact_consistency, teacher, x0, z, n).pow(2).mean())
+
+
+# Calibration of methods.md §4.3 (numpy, independent code): mean squared residual of the exact map.
+CALIBRATION = {"heun": {18: 1.1e-5, 40: 7.1e-8, 80: 9.8e-10}, "euler": {18: 8.6e-5, 40: 3.3e-6, 80: 2.0e-7}}
+
+
+@pytest.mark.parametrize("solver,order", [("heun", 2), ("euler", 1)])
+def test_closed_form_residual_converges_at_the_solver_order(solver, order):
+    res = {n: mean_sq_residual(solver, n) for n in (18, 40, 80)}
+    for n, ref in CALIBRATION[solver].items():
+        assert ref / 1.25 < res[n] < ref * 1.25, (n, res[n], ref)
+    # The squared one-step local error is O(h^(2 order + 2)): doubling N divides it by 2^(2 order + 2), i.e. 2^6 for
+    # Heun and 2^4 for Euler; a wrong grid index (e.g. stepping two levels) or a wrong step would break this.
+    ratio = res[40] / res[80]
+    expected = 2.0 ** (2 * order + 2)
+    assert expected / 1.5 < ratio < expected * 1.5, ratio
+
+
+def test_forward_uses_the_residual_path():
+    """forward() at the exact consistency map returns the calibrated mean squared residual (data x0, l2, uniform)."""
+    teacher, student = gaussian_teacher(), ExactConsistencyStudent()
+    loss = build_loss("cd", num_levels=18)
+    loss.setup(student, teacher)
+    torch.manual_seed(0)
+    x0 = M + S * torch.randn(100_000, 1, dtype=torch.float64)
+    terms = loss("student", student, teacher, {"x0": x0}, 0)
+    assert set(terms) >= {"loss", "distance", "sigma_mean"}
+    assert 1.1e-5 / 1.25 < float(terms["loss"]) < 1.1e-5 * 1.25
+    # sigma_mean is the mean of the student's (higher) level over a uniform index in {0..N-2}: the grid minus sigma_min
+    assert float(terms["sigma_mean"]) == pytest.approx(float(loss.sigmas[:-1].mean()), rel=0.03)
+
+
+def test_grid_and_index_convention():
+    teacher = gaussian_teacher()
+    loss = build_loss("cd", num_levels=5, sigma_max=10.0)
+    loss.setup(ExactConsistencyStudent(), teacher)
+    assert float(loss.sigmas[0]) == pytest.approx(10.0) and float(loss.sigmas[-1]) == pytest.approx(teacher.sigma_min)
+    assert torch.all(loss.sigmas[:-1] > loss.sigmas[1:])
+    hi, lo = loss.levels(torch.tensor([0, 3]), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(hi, loss.sigmas[[0, 3]])
+    torch.testing.assert_close(lo, loss.sigmas[[1, 4]])
+
+
+def test_distances_and_weights_closed_form():
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    torch.testing.assert_close(squared_l2(a, b), torch.tensor([12.5]))
+    torch.testing.assert_close(pseudo_huber(a, b, 1.0), torch.tensor([math.sqrt(26.0) - 1.0]))
+    torch.testing.assert_close(icm_weight(torch.tensor([3.0]), torch.tensor([1.0])), torch.tensor([0.5]))
+    grid = karras_subgrid(80.0, torch.tensor([0.5, 80.0]), 4)
+    assert grid.shape == (5, 2)
+    torch.testing.assert_close(grid[0], torch.tensor([80.0, 80.0]))
+    torch.testing.assert_close(grid[-1], torch.tensor([0.5, 80.0]))
+    torch.testing.assert_close(grid[:, 1], torch.full((5,), 80.0))  # a zero-length rollout stays put
+    # pseudo-Huber with iCT's default c and the icm weighting run through forward()
+    teacher = gaussian_teacher(dim=4)
+    student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
+    loss = build_loss("cd", num_levels=6, distance="pseudo_huber", weighting="icm")
+    loss.setup(student, teacher)
+    out = loss("student", student, teacher, {"x0": teacher.sample(16)}, 0)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+
+
+def test_data_free_rollout_follows_the_exact_ode():
+    """x0_source: teacher draws x_{n+1} by the teacher ODE from sigma_max z down to sigma_{n+1}: it converges at second
+    order (Heun) to the closed-form Gaussian ODE solution M + (sigma_max z - M) sqrt(S^2 + s^2) / sqrt(S^2 + 80^2)."""
+    teacher = gaussian_teacher(dim=2)
+    assert not build_loss("cd", x0_source="teacher").needs_data and build_loss("cd").needs_data
+    z = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for steps in (40, 80):
+        loss = build_loss("cd", num_levels=10, x0_source="teacher", teacher_steps=steps)
+        loss.setup(None, teacher)
+        end = loss.sigmas[torch.arange(256) % 10]  # every level, sigma_max (no step) included
+        x = loss.teacher_rollout(teacher, z, end)
+        exact = M + (80.0 * z - M) * ((S**2 + end**2) / (S**2 + 80.0**2)).sqrt()[:, None]
+        errors.append(float((x - exact).abs().max()))
+    assert errors[1] < 5e-3 and 3.0 < errors[0] / errors[1] < 5.5, errors
+    student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
+    loss = build_loss("cd", num_levels=6, x0_source="teacher", teacher_steps=4)
+    loss.setup(student, teacher)
+    out = loss("student", student, teacher, {"batch_size": 8}, 0)
+    assert torch.isfinite(out["loss"])
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="valid keys: .*num_levels.*solver"):
+        LOSSES.build("cd", N=18)
+    with pytest.raises(ConfigError, match="unknown solver 'rk4'; valid: heun, euler"):
+        build_loss("cd", solver="rk4")
+    with pytest.raises(ConfigError, match="num_levels must be"):
+        build_loss("cd", num_levels=1)
+    with pytest.raises(ConfigError, match="target_decay"):
+        build_loss("cd", target="ema", target_decay=1.0)
+    loss = build_loss("cd")
+    with pytest.raises(RuntimeError, match="setup"):
+        loss.levels(torch.zeros(1, dtype=torch.long), torch.zeros(1))
+    with pytest.raises(ValueError, match="batch\\['x0'\\]"):
+        loss.setup(None, ring())
+        loss("student", build_student("consistency", ring(), init="fresh"), ring(), {"batch_size": 4}, 0)
+
+
+def test_ema_target_gets_no_gradient_and_moves_in_after_step():
+    teacher = ring()
+    student = build_student("consistency", teacher, init="fresh", hidden=16, depth=2)
+    loss = build_loss("cd", num_levels=8, target="ema", target_decay=0.9)
+    loss.setup(student, teacher)
+    target = loss.target_net
+    assert target is not None and target is not student
+    assert not any(p.requires_grad for p in target.parameters())
+    ids = {id(p) for p in loss.phase_parameters("student", student)}
+    assert ids == {id(p) for p in student.parameters()} and not ids & {id(p) for p in target.parameters()}
+    before = [p.detach().clone() for p in target.parameters()]
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    out = loss("student", student, teacher, {"x0": teacher.sample(64)}, 0)
+    out["loss"].backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    opt.step()
+    for p, b in zip(target.parameters(), before):  # untouched by the optimizer step
+        assert torch.equal(p, b)
+    loss.after_step("student", student, 0)
+    for p, b, s in zip(target.parameters(), before, student.parameters()):
+        torch.testing.assert_close(p, 0.9 * b + 0.1 * s.detach())
+    assert any(not torch.equal(p, b) for p, b in zip(target.parameters(), before))
+
+
+def test_tiny_consistency_student_learns_the_ring():
+    """A few hundred CD steps of a tiny MLP on the exact ring teacher: the 1-step samples move from noise-like to
+    the ring (mean radius -> 2, SW1 to exact samples down), the boundary condition holds exactly throughout."""
+    torch.manual_seed(0)
+    teacher = ring()
+    student = build_student("consistency", teacher, init="fresh", hidden=64, depth=3)
+    loss = build_loss("cd", num_levels=12, target="ema", target_decay=0.9)
+    loss.setup(student, teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    ref, noise = teacher.sample(2000, generator=g), torch.randn(2000, 2, generator=g)
+    directions = torch.nn.functional.normalize(torch.randn(64, 2, generator=g), dim=1)
+
+    def sw1() -> float:
+        with torch.no_grad():
+            x = sample_student(student, noise, torch.tensor([teacher.sigma_max, 0.0]))
+        return float(((x @ directions.T).sort(0).values - (ref @ directions.T).sort(0).values).abs().mean())
+
+    sw_init = sw1()
+    for k in range(400):
+        out = loss("student", student, teacher, {"x0": teacher.sample(256)}, k)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        loss.after_step("student", student, k)
+    sw_end = sw1()
+    assert sw_end < 0.5 * sw_init, (sw_init, sw_end)
+    x = ref[:128]
+    assert torch.equal(student.denoise(x, torch.full((128,), teacher.sigma_min)), x)
