@@ -1,0 +1,403 @@
+"""Metrics and feature extractors against closed forms, independent implementations and the digits calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+from distill.data import load_digits_tensor
+from distill.features import (
+    FEATURES,
+    INCEPTION_ENV_VAR,
+    INCEPTION_FILENAME,
+    DigitsFeatures,
+    FlattenFeatures,
+    InceptionFeatures,
+    build_features,
+)
+from distill.metrics import (
+    DIGITS_REFERENCE_FILE,
+    FIDRecord,
+    ReferenceStats,
+    class_coverage,
+    compute_fid,
+    digits_reference_stats,
+    digits_report,
+    frechet_distance,
+    gaussian_stats,
+    mmd_rbf,
+    mode_mass,
+    off_mode_fraction,
+    ring_report,
+    sliced_wasserstein,
+)
+from distill.registry import ConfigError
+from teachers.analytic import grid, ring
+
+
+def _random_spd(d: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / d + (0.0 if rank else 0.1) * np.eye(d)
+
+
+def _frechet_eig(mu1, s1, mu2, s2) -> float:
+    """Independent Fréchet distance: Tr sqrt(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1))), all symmetric PSD."""
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    e = np.linalg.eigvalsh(r @ s2 @ r)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(e, 0, None)).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_frechet_equal_covariance_is_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    sigma = _random_spd(16, rng)
+    mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
+    assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-7, abs=1e-8)
+    assert frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_one_dimensional_closed_form():
+    # N(m1, s1^2) vs N(m2, s2^2): (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9.0 + 1.5**2, rel=1e-10)
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+def test_frechet_matches_eigenvalue_form_without_warnings(rank):
+    rng = np.random.default_rng(1)
+    s1, s2 = _random_spd(12, rng, rank), _random_spd(12, rng, rank)  # rank 5: singular, like dead ReLU units
+    mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = frechet_distance(torch.tensor(mu1), torch.tensor(s1), mu2, s2)  # tensors and arrays both accepted
+    assert ours == pytest.approx(_frechet_eig(mu1, s1, mu2, s2), rel=1e-6, abs=1e-6)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_frechet_shape_error_is_one_line():
+    with pytest.raises(ValueError, match="frechet_distance needs") as e:
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    assert "\n" not in str(e.value)
+
+
+def test_compute_fid_closed_form_with_flatten_features():
+    # Samples whitened to mean m and covariance exactly I against reference N(0, I): FID = ||m||^2.
+    d, n = 3, 400
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x - x.mean(0)
+    x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    ext = FlattenFeatures()
+    ref = ReferenceStats(mu=np.zeros(d), sigma=np.eye(d), n=10_000, source="N(0, I)", features=ext.describe())
+    rec = compute_fid(x + m, ref, ext, seed=0, model="whitened gaussian")
+    assert rec.fid == pytest.approx(float((m**2).sum()), rel=1e-9)
+    assert rec.kind == "proxy" and rec.n_samples == n  # 400 < min(10_000, 50_000)
+    mu, sigma = gaussian_stats(x + m)
+    np.testing.assert_allclose(sigma, np.eye(d), atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference statistics and the FID record
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ref(seed: int = 0) -> ReferenceStats:
+    rng = np.random.default_rng(seed)
+    return ReferenceStats.from_features(rng.standard_normal((50, 4)), source="test", features="flatten")
+
+
+def test_reference_hash_changes_with_the_stats():
+    a, b = _ref(0), _ref(0)
+    assert a.sha256 == b.sha256 and len(a.sha256) == 64
+    b.mu = b.mu + 1e-12
+    assert b.sha256 != a.sha256
+    c = _ref(0)
+    c.sigma[0, 1] += 1e-9
+    assert c.sha256 != a.sha256
+
+
+def test_reference_stats_save_load_round_trip(tmp_path):
+    ref = _ref(1)
+    path = ref.save(tmp_path / "ref.npz")
+    back = ReferenceStats.load(path)
+    np.testing.assert_array_equal(back.mu, ref.mu)
+    np.testing.assert_array_equal(back.sigma, ref.sigma)
+    assert (back.n, back.source, back.features, back.sha256) == (50, "test", "flatten", ref.sha256)
+    # A file whose statistics no longer match its stored hash is rejected.
+    with np.load(path, allow_pickle=False) as z:
+        arrays = dict(z)
+    arrays["mu"] = arrays["mu"] + 1.0
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="does not match"):
+        ReferenceStats.load(tmp_path / "bad.npz")
+
+
+PROTOCOL_FIELDS = {
+    "fid", "feature_extractor", "n_samples", "reference", "nfe", "sampler", "grid", "guidance", "seed", "kind",
+    "model", "step", "extra",
+}  # fmt: skip
+
+
+def test_fid_record_has_every_protocol_field_and_round_trips():
+    ext = FlattenFeatures()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    ref = ReferenceStats.from_features(torch.randn(64, 4), source="test", features=ext.describe())
+    rec = compute_fid(
+        x, ref, ext, nfe=2, sampler="student", grid=torch.tensor([80.0, 0.8]), guidance=1.0, seed=3,
+        kind="proxy", model="run-1/ema", step=1500, extra={"gamma": 0.0},
+    )  # fmt: skip
+    d = json.loads(rec.to_json())
+    assert set(d) == PROTOCOL_FIELDS
+    assert d["reference"] == {"source": "test", "n": 64, "features": "flatten", "sha256": ref.sha256}
+    assert d["grid"] == pytest.approx([80.0, 0.8]) and d["nfe"] == 2 and d["step"] == 1500
+    assert FIDRecord.from_json(rec.to_json()) == rec
+    assert FIDRecord.from_dict(rec.to_dict()) == rec
+    with pytest.raises(ConfigError, match="valid keys"):
+        FIDRecord.from_dict({**d, "nfes": 2})
+    with pytest.raises(ConfigError, match="valid keys"):
+        compute_fid(x, ref, ext, nfes=2)
+    with pytest.raises(ConfigError, match="proxy"):
+        compute_fid(x, ref, ext, kind="quick")
+    with pytest.raises(ValueError):  # nan must not be written as a number
+        FIDRecord(**{**d, "fid": float("nan")}).to_json()
+
+
+def test_compute_fid_rejects_reference_from_another_extractor():
+    ref = ReferenceStats(mu=np.zeros(2), sigma=np.eye(2), n=10, source="t", features="digits@000000000000")
+    with pytest.raises(ValueError, match="recompute the reference"):
+        compute_fid(torch.randn(8, 2), ref, FlattenFeatures())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Low-dimensional distances
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sliced_wasserstein_identity_shift_and_symmetry():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 2, generator=g)
+    b = torch.randn(300, 2, generator=g) * 0.5 + 1.0
+    assert sliced_wasserstein(a, a) == 0.0
+    assert sliced_wasserstein(a, b) == pytest.approx(sliced_wasserstein(b, a), rel=1e-12)
+    x = torch.randn(500, 1, generator=g, dtype=torch.float64)
+    assert sliced_wasserstein(x, x + 0.7) == pytest.approx(0.7, rel=1e-12)  # 1-D: every direction is +-1
+    # 2-D shift by c: mean_theta |<c, theta>| -> 2|c|/pi over uniform directions.
+    c = torch.tensor([0.6, -0.8])
+    assert sliced_wasserstein(a, a + c) == pytest.approx(2 / math.pi, rel=0.05)
+    # Directions are fixed by the seed.
+    assert sliced_wasserstein(a, b, seed=5) == sliced_wasserstein(a, b, seed=5) != sliced_wasserstein(a, b, seed=6)
+
+
+def test_sliced_wasserstein_unequal_sizes_is_exact_w1():
+    # uniform{0, 1} vs uniform{0, 1, 2}: W1 = 1/6 + 1/3 = 1/2
+    assert sliced_wasserstein(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [1.0], [2.0]])) == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(37, 1, generator=g), torch.randn(53, 1, generator=g) * 2 + 0.3
+    assert sliced_wasserstein(a, b) == pytest.approx(wasserstein_distance(a[:, 0].numpy(), b[:, 0].numpy()), rel=1e-9)
+    pts = torch.randn(40, 2, generator=g)
+    assert sliced_wasserstein(pts, pts.repeat(3, 1)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ring_two_exact_sets_sit_at_the_noise_floor():
+    t = ring()
+    a = t.sample(2000, generator=torch.Generator().manual_seed(0))
+    b = t.sample(2000, generator=torch.Generator().manual_seed(1))
+    far = grid().sample(2000, generator=torch.Generator().manual_seed(2))
+    assert sliced_wasserstein(a, b) < 0.1 < sliced_wasserstein(a, far)
+
+
+def _mmd_loops(a: np.ndarray, b: np.ndarray, h: float) -> float:
+    """Unbiased MMD^2 by explicit double loops (tiny sets only)."""
+
+    def k(x, y):
+        return math.exp(-((x - y) ** 2).sum() / (2 * h * h))
+
+    n, m = len(a), len(b)
+    kaa = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kbb = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kab = sum(k(a[i], b[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kaa + kbb - 2 * kab
+
+
+def test_mmd_matches_explicit_formula_and_separates_distributions():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 2)), rng.standard_normal((9, 2)) + 0.5
+    expected = _mmd_loops(a, b, 0.3) + _mmd_loops(a, b, 1.5)
+    assert mmd_rbf(a, b, bandwidths=(0.3, 1.5)) == pytest.approx(expected, rel=1e-10)
+    t = ring()
+    x = t.sample(800, generator=torch.Generator().manual_seed(0))
+    y = t.sample(800, generator=torch.Generator().manual_seed(1))
+    other = grid().sample(800, generator=torch.Generator().manual_seed(2))
+    same, diff = mmd_rbf(x, y), mmd_rbf(x, other)
+    assert abs(same) < 0.02 and diff > 0.3 and diff > 20 * abs(same)
+
+
+def test_mode_mass_and_off_fraction_closed_forms():
+    t = ring()  # std 0.05, modes 2 sin(pi/8) ~ 1.53 apart: the nearest mean is the true component
+    x, labels = t.sample(20_000, generator=torch.Generator().manual_seed(0), return_labels=True)
+    mass = mode_mass(x, t.means)
+    assert mass.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(mass, torch.bincount(labels, minlength=8).double() / 20_000)
+    assert off_mode_fraction(x, t.means, 0.25) == 0.0  # 5 std: P = exp(-12.5) ~ 4e-6 per sample
+    # 2-D isotropic Gaussian: P(|x - mu| > r) = exp(-r^2 / (2 s^2)); r = s gives e^{-1/2}.
+    assert off_mode_fraction(x, t.means, 0.05) == pytest.approx(math.exp(-0.5), abs=0.01)
+    assert off_mode_fraction(torch.zeros(5, 2), t.means, 0.25) == 1.0
+
+
+def test_ring_report_on_exact_samples():
+    t = ring()
+    rep = ring_report(
+        t.sample(4000, generator=torch.Generator().manual_seed(0)),
+        t.means,
+        t.sample(4000, generator=torch.Generator().manual_seed(1)),
+    )
+    assert rep["sw1"] < 0.06 and rep["off"] == 0.0 and len(rep["mode_mass"]) == 8
+    assert 0.10 < rep["min_mode_mass"] <= 0.125 <= rep["max_mode_mass"] < 0.15
+    collapsed = ring_report(t.means[:1].float().repeat(100, 1), t.means, t.sample(400))
+    assert collapsed["max_mode_mass"] == 1.0 and collapsed["min_mode_mass"] == 0.0 and collapsed["sw1"] > 1.0
+
+
+def test_class_coverage():
+    cov = class_coverage(torch.tensor([0, 0, 3, 9]))
+    torch.testing.assert_close(cov, torch.tensor([0.5, 0, 0, 0.25, 0, 0, 0, 0, 0, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        class_coverage(torch.tensor([0, 10]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature extractors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_feature_registry():
+    assert FEATURES.names() == ["digits", "flatten", "inception"]
+    assert isinstance(build_features("flatten"), FlattenFeatures)
+    with pytest.raises(ConfigError, match="digits, flatten, inception"):
+        build_features("clip")
+    with pytest.raises(ConfigError, match="valid keys"):
+        build_features("digits", weight_path="x")
+
+
+def test_inception_missing_file_error_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv(INCEPTION_ENV_VAR, raising=False)
+    for kwargs in ({}, {"weights_path": tmp_path / "nope.pt"}, {"weights_path": tmp_path}):
+        with pytest.raises(FileNotFoundError) as e:
+            build_features("inception", **kwargs)
+        msg = str(e.value)
+        assert "\n" not in msg and INCEPTION_FILENAME in msg and INCEPTION_ENV_VAR in msg
+    monkeypatch.setenv(INCEPTION_ENV_VAR, str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        InceptionFeatures()
+
+
+class _FakeInceptionLayers(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # per-channel mean over the 299x299 image, tiled to 2048 values
+        return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+
+class _FakeInception(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _FakeInceptionLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_inception_pipeline_scaling_with_a_stand_in_network(tmp_path, monkeypatch):
+    # A TorchScript stand-in with the real file's `.layers` entry point checks the conversion path without
+    # the real weights: [-1, 1] -> 8-bit levels -> 3 channels -> 299x299 clean resize -> (x - 128) / 128.
+    path = tmp_path / INCEPTION_FILENAME
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        torch.jit.script(_FakeInception()).save(str(path))
+    monkeypatch.setenv(INCEPTION_ENV_VAR, str(tmp_path))  # a folder holding the file works too
+    ext = InceptionFeatures()
+    v = torch.tensor([-1.0, -0.3, 0.5, 1.0])
+    feats = ext(v.reshape(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous())
+    expected = (torch.round((v + 1) * 127.5) - 128) / 128  # a constant image stays constant under bicubic resize
+    assert feats.shape == (4, 2048) and feats.dtype == torch.float64
+    torch.testing.assert_close(feats, expected[:, None].double().expand(4, 2048), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="C in"):
+        ext(torch.zeros(2, 2, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = load_digits_tensor()
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return DigitsFeatures()
+
+
+def test_digits_classifier_accuracy_and_features(digits, extractor):
+    images, labels = digits
+    assert (extractor.predict(images) == labels).double().mean().item() > 0.98
+    feats = extractor(images[:10])
+    assert feats.shape == (10, 64) and feats.dtype == torch.float64 and bool((feats >= 0).all())
+    assert extractor.describe().startswith("digits@")
+    with pytest.raises(ValueError, match=r"\[B, 1, 8, 8\]"):
+        extractor(torch.zeros(2, 1, 28, 28))
+    bad = images[:2].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        extractor(bad)
+
+
+def test_digits_reference_is_shipped_cached_and_reproducible(extractor):
+    ref = digits_reference_stats(extractor)
+    assert ref is digits_reference_stats(extractor)
+    assert ref.n == 1797 and ref.dim == 64 and ref.features == extractor.describe()
+    assert ReferenceStats.load(DIGITS_REFERENCE_FILE).sha256 == ref.sha256  # the shipped file is the one used
+    fresh = digits_reference_stats(extractor, recompute=True)  # on-the-fly features reproduce the shipped stats
+    np.testing.assert_allclose(fresh.mu, ref.mu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fresh.sigma, ref.sigma, rtol=1e-5, atol=1e-4)
+    assert frechet_distance(fresh.mu, fresh.sigma, ref.mu, ref.sigma) < 1e-3
+
+
+def _fid(images: torch.Tensor, extractor: DigitsFeatures) -> float:
+    return compute_fid(images, digits_reference_stats(extractor), extractor).fid
+
+
+def test_digits_fid_calibration(digits, extractor):
+    """shared/benchmarks.md "Digits": resampled real ~ floor; noise, blur and missing classes are far."""
+    images, labels = digits
+    g = torch.Generator().manual_seed(0)
+    resampled = images[torch.randint(0, len(images), (2000,), generator=g)]
+    floor = _fid(resampled, extractor)
+    assert 0.0 < floor < 3.0
+    noise = _fid(torch.randn(2000, 1, 8, 8, generator=g), extractor)
+    assert noise > 100
+    # 3x3 Gaussian blur (std 1 px), background value -1 outside the image
+    k = torch.exp(-(torch.tensor([-1.0, 0.0, 1.0]) ** 2) / 2)
+    k = (k[:, None] * k[None]) / (k.sum() ** 2)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(resampled, (1, 1, 1, 1), value=-1.0), k[None, None])
+    assert _fid(blurred, extractor) > 100
+    low = images[labels < 5]
+    rec = digits_report(low[torch.randint(0, len(low), (2000,), generator=g)], extractor, seed=0, model="digits 0-4")
+    assert rec.fid > 50 and rec.kind == "final"
+    cov = rec.extra["class_coverage"]
+    assert sum(cov[5:]) < 0.01 and all(c > 0.15 for c in cov[:5])
+
+
+def test_digits_report_on_real_digits(digits, extractor):
+    images, labels = digits
+    rec = digits_report(images[:500], extractor, nfe=None, sampler="real", seed=None, model="real digits")
+    assert rec.kind == "proxy" and rec.feature_extractor == extractor.describe()
+    true_share = torch.bincount(labels[:500], minlength=10).double() / 500
+    np.testing.assert_allclose(rec.extra["class_coverage"], true_share.numpy(), atol=0.01)
+    assert rec.reference["sha256"] == digits_reference_stats(extractor).sha256
