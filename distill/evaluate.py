@@ -204,11 +204,17 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
     """The FID-vs-NFE table of the teacher's training-free solvers (ours and diffusers'), plus the reference row."""
     from tqdm.auto import tqdm
 
+    from distill.samplers import steps_for_nfe
+
     jobs: list[tuple[str, str, int, bool]] = []
     for s in samplers:
         for g in grids:
+            seen: set[int] = set()
             for k in nfes:
-                jobs.append((s, g, k, False))
+                steps = steps_for_nfe(s, k)  # Heun reaches only odd NFE (2N - 1): 2 and 1 are the same run
+                if steps not in seen:
+                    seen.add(steps)
+                    jobs.append((s, g, k, False))
     for s in diffusers_samplers or []:
         for g in grids:
             for k in nfes:
