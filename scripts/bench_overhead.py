@@ -22,13 +22,30 @@ from pathlib import Path
 import torch
 
 
-def make_cfg(loss: str, iters: int, out: str):
+def random_teacher(folder: Path) -> Path:
+    """A randomly initialised teacher with the shipped digits teacher's architecture (timing does not depend on the
+    weights), so the benchmark runs before/without the trained teacher."""
+    from teachers import DiffusersTeacher
+    from teachers.nets import small_unet
+
+    torch.manual_seed(0)
+    net = small_unet(8, 1, (32, 64, 64))
+    DiffusersTeacher(net, {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0,
+                           "sigma_data": 0.5, "prediction_type": "epsilon"},
+                     edm_timestep_scale=250.0).save_pretrained(folder)
+    return folder
+
+
+def make_cfg(loss: str, iters: int, out: str, teacher: str = "digits"):
     from distill.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = "digits_cd.yaml" if loss == "cd" else "digits_dmd2.yaml"
-    return load_config(root / "configs" / cfg, [f"trainer.max_steps={iters}", "eval.every=0", "trainer.grid_every=0",
-                                                "trainer.ckpt_every=0", f"out_dir={out}", "trainer.log_every=50"])
+    ov = [f"trainer.max_steps={iters}", "eval.every=0", "trainer.grid_every=0", "trainer.ckpt_every=0",
+          f"out_dir={out}/run", "trainer.log_every=50", "trainer.progress_bar=true"]
+    if teacher == "random":
+        ov += ["teacher.name=diffusers", f"teacher.path={random_teacher(Path(out) / 'teacher')}"]
+    return load_config(root / "configs" / cfg, ov)
 
 
 def lightning_run(cfg, warmup: int) -> float:
@@ -93,6 +110,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--teacher", default="digits", choices=["digits", "random"],
+                    help="the shipped digits teacher, or a random one of the same architecture")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import tempfile
@@ -101,7 +120,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     res = {"lightning": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_cfg(args.loss, args.iters, tmp)
+        cfg = make_cfg(args.loss, args.iters, tmp, args.teacher)
         for r in range(args.repeats):
             # alternate the order so drift on a shared machine hits both sides alike
             sides = ("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")
@@ -111,7 +130,7 @@ def main() -> None:
                 print(f"repeat {r} {side:9s}: {1000 * t:.1f} ms / iteration", flush=True)
     ratios = [a / b for a, b in zip(res["lightning"], res["bare"])]
     out = {
-        "loss": args.loss, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
+        "loss": args.loss, "teacher": args.teacher, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
         "threads": args.threads, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "median_ms": {k: 1000 * statistics.median(v) for k, v in res.items()},
