@@ -67,7 +67,12 @@ def _cfg(args: argparse.Namespace) -> Any:
     config, overrides = args.config, list(args.overrides or [])
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config] + overrides  # no config file given, only overrides
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    if cfg.trainer.num_threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
