@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: keyword arguments of ``build_student(..., init="fresh")`` (the fresh MLP's hyper-parameters) and their defaults
-MLP_KEYS: dict[str, Any] = {"hidden": 256, "depth": 4, "emb_dim": 64, "max_freq": 100.0}
+MLP_KEYS: dict[str, Any] = {"hidden": 256, "depth": 4, "emb_dim": 64, "max_freq": 4.0}
 INITS = ("teacher", "fresh")
 
 
