@@ -12,10 +12,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.evaluate import EvalRow, Scorer, generate_student, student_sigmas, write_table
 
-__all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "save_sample_figure"]
+__all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
 
 def save_sample_figure(x: torch.Tensor, path: str | Path, title: str = "") -> None:
@@ -202,3 +203,24 @@ class IterationCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         trainer.save_checkpoint(self.last, weights_only=False)
+
+
+class IterationProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting training iterations out of ``trainer.max_steps`` (the stream is endless, so the
+    stock bar would show ``0/?``), continuing from the restored count on resume."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=pl_module.max_steps)
+        bar.initial = int(pl_module.iteration)
+        bar.n = int(pl_module.iteration)
+        bar.set_description("distill train")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = int(pl_module.iteration)
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and (n % self.refresh_rate == 0 or n >= pl_module.max_steps):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()

@@ -112,14 +112,15 @@ def check_resume_compatible(ckpt: dict[str, Any], module: Any, path: Path) -> No
 
 def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from distill.callbacks import IterationProgressBar
 
     # CSV: a new version folder per launch (a resumed run must not overwrite the first part's log); TensorBoard
     # appends a new event file to the same folder, so its curves continue across a resume.
     loggers = [CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb", version="")]
     if cfg.trainer.progress_bar:
-        callbacks = callbacks + [TQDMProgressBar(refresh_rate=10)]
+        callbacks = callbacks + [IterationProgressBar(refresh_rate=10)]
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
