@@ -226,11 +226,19 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
         for seed in seeds:
             x, measured = generate_teacher(teacher, s, k, g, n, seed, guidance, batch_size, is_diffusers)
             name = f"diffusers:{s}" if is_diffusers else s
+            if is_diffusers and g != "karras":
+                g = "vp-default"  # diffusers' own timestep spacing on its VP table, not our log-SNR grid
             rec = scorer(x, nfe=measured, sampler=name, grid=g, guidance=guidance, seed=seed, model=model)
             rows.append(EvalRow(model, name, g, measured, seed, rec["score"], scorer.metric, rec))
             bar.update(1)
             bar.set_postfix_str(f"{name}/{g}@{measured}: {rec['score']:.3g}")
     bar.close()
+    if isinstance(scorer, RingScorer):
+        # The noise floor: fresh exact sample sets scored against the same fixed reference set.
+        for seed in seeds:
+            x = teacher.sample(n, generator=torch.Generator().manual_seed(10_000 + seed))
+            rec = scorer(x, nfe=0, sampler="exact samples", grid="-", guidance=1.0, seed=seed, model="exact")
+            rows.append(EvalRow("exact (noise floor)", "exact samples", "-", 0, seed, rec["score"], scorer.metric, rec))
     return rows
 
 
