@@ -16,7 +16,7 @@ The defaults are the shipped ring recipe, chosen so that ``distill train`` can r
 grad clip 1, 8000 steps; cd with N = 18, Heun, L2, icm weighting (1/(sigma_{n+1} - sigma_n)), EMA target 0.9;
 evaluation EMA 0.997; 2-NFE re-noise level 0.3. Measured (2 shared CPU cores, one thread, ~90 s per seed; seeds
 0, 1, 2): 1-NFE SW1 0.049 ± 0.005 (off 12%), 2-NFE SW1 0.040 ± 0.008 (off 3%), against the teacher's Heun-35
-0.040 and an exact-vs-exact floor of 0.046; every mode 0.12-0.13. What mattered, one seed each at 4000 steps: the
+0.040 and an exact-vs-exact floor of 0.046; every mode 0.12-0.13. What mattered (one seed, 3000-4000 steps): the
 icm weighting (1-NFE 0.073 vs 0.085 uniform), a low-frequency noise embedding (max_freq 100 left the student
 arbitrary between grid levels and 2-NFE no better than 1-NFE), an EMA target (the sg target was unstable with
 uniform weighting), and an evaluation EMA whose initial weights have decayed (0.999 without warm-up: 1-NFE 0.11).
