@@ -25,7 +25,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
         cfg = load_config({str(ROOT / "configs" / "ring_cd.yaml")!r}, [
             "trainer.max_steps=8", "eval.every=0", "trainer.grid_every=0", "trainer.ckpt_every=0",
             f"out_dir={{out / 'run'}}", "trainer.progress_bar=false", "trainer.devices=2", "trainer.strategy=ddp",
-            "student.hidden=32", "student.depth=2", "data.batch_size=64"])
+            "student.hidden=32", "student.depth=2", "trainer.num_threads=null", "data.batch_size=64"])
 
         class Dump(L.Callback):
             def on_train_end(self, trainer, m):
