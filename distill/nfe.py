@@ -7,9 +7,10 @@ wrapper for the duration of the block, so Heun's ``2N - 1`` and classifier-free 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["NFECounter", "count_nfe"]
 

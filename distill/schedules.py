@@ -7,7 +7,7 @@ so a grid of ``N`` levels drives ``N`` solver steps. Densities draw ``[B]`` nois
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -189,8 +189,14 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
 def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, fid_cb: Any = None) -> dict[str, Any]:
     """The EMA student at each NFE over every eval seed, next to the teacher's reference solver; written as
     ``eval.{json,md,png}`` and printed."""
-    from distill.evaluate import EvalRow, generate_student, generate_teacher, markdown_table, student_sigmas, \
-        write_table
+    from distill.evaluate import (
+        EvalRow,
+        generate_student,
+        generate_teacher,
+        markdown_table,
+        student_sigmas,
+        write_table,
+    )
 
     ev = cfg.eval
     rows: list[EvalRow] = []

@@ -1,4 +1,4 @@
-"""End-to-end training through ``DistillModule`` on the exact ring: exact resume, safe checkpoints, export round trip."""
+"""End-to-end training through ``DistillModule`` on the exact ring: exact resume, safe checkpoints, export."""
 
 from __future__ import annotations
 
