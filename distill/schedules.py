@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 
+def _ramp(n: int, dtype: torch.dtype) -> Tensor:
+    """``[n]`` points uniform in ``[0, 1]`` (0 = sigma_max end); every grid is a monotone warp of this ramp."""
+    if n < 1:
+        raise ValueError(f"a grid needs n >= 1 noise levels, got {n}")
+    return torch.linspace(0, 1, n, dtype=dtype) if n > 1 else torch.zeros(1, dtype=dtype)
+
+
 def _finish(sigmas: Tensor, append_zero: bool) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
 
@@ -41,11 +48,8 @@ def karras_sigmas(
 
     Returns ``[n + append_zero]``, descending.
     """
-    if n < 1:
-        raise ValueError(f"a grid needs n >= 1 noise levels, got {n}")
-    ramp = torch.linspace(0, 1, n, dtype=dtype) if n > 1 else torch.zeros(1, dtype=dtype)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _finish((hi + ramp * (lo - hi)) ** rho, append_zero)
+    return _finish((hi + _ramp(n, dtype) * (lo - hi)) ** rho, append_zero)
 
 
 def logsnr_sigmas(
@@ -56,11 +60,12 @@ def logsnr_sigmas(
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Uniform in log-SNR, i.e. uniform in ``log sigma`` (VE log-SNR is ``-2 log sigma``); DPM-Solver's grid."""
-    if n < 1:
-        raise ValueError(f"a grid needs n >= 1 noise levels, got {n}")
-    if n == 1:
-        return _finish(torch.tensor([sigma_max], dtype=dtype), append_zero)
-    return _finish(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=dtype).exp(), append_zero)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    sigmas = (hi + _ramp(n, dtype) * (lo - hi)).exp()
+    sigmas[0] = sigma_max  # exact end points (exp(log(s)) is not always s in floating point)
+    if n > 1:
+        sigmas[-1] = sigma_min
+    return _finish(sigmas, append_zero)
 
 
 def uniform_sigmas(
@@ -71,11 +76,7 @@ def uniform_sigmas(
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Uniform in sigma (the VE "time" of EDM)."""
-    if n < 1:
-        raise ValueError(f"a grid needs n >= 1 noise levels, got {n}")
-    if n == 1:
-        return _finish(torch.tensor([sigma_max], dtype=dtype), append_zero)
-    return _finish(torch.linspace(sigma_max, sigma_min, n, dtype=dtype), append_zero)
+    return _finish(sigma_max + _ramp(n, dtype) * (sigma_min - sigma_max), append_zero)
 
 
 GRIDS: dict[str, Callable[..., Tensor]] = {
