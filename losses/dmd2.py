@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,6 @@ from distill.conversions import append_dims
 from distill.registry import ConfigError
 from distill.samplers import sample_heun
 from distill.schedules import karras_sigmas, sample_discrete_index_sigma, sample_lognormal_sigma
-
 from students import build_student, edm_scalings
 
 from . import register_loss
@@ -340,6 +340,9 @@ class DMD2(DistillLoss):
             point that must break symmetry (decisive on the 2-D ring). Only the student phase runs meanwhile.
         regression_pairs: number of pairs cached at :meth:`setup` (Heun of the teacher, with ``guidance``).
         regression_nfe: the Heun sampler's NFE for those pairs (odd; 35 = 18 Karras steps).
+        regression_weight: weight of the same regression term added to the distribution-matching loss after the
+            warm start (DMD v1's ``lambda_reg``, 0.25 there with LPIPS): it anchors the generator to the teacher's
+            noise-to-data map while the noisy DM gradient sharpens it.
         fake_warmup: critic-only iterations after the regression (the fake score fits the warm-started generator
             before the first distribution-matching update).
     """
@@ -368,6 +371,7 @@ class DMD2(DistillLoss):
         regression_steps: int = 0,
         regression_pairs: int = 10_000,
         regression_nfe: int = 35,
+        regression_weight: float = 0.0,
         fake_warmup: int = 0,
     ) -> None:
         super().__init__()
@@ -394,10 +398,14 @@ class DMD2(DistillLoss):
         for key, val in (("regression_steps", regression_steps), ("fake_warmup", fake_warmup)):
             if int(val) != val or val < 0:
                 raise ConfigError(f"dmd2: {key} must be an integer >= 0, got {val!r}")
-        if regression_steps > 0 and (int(regression_pairs) != regression_pairs or regression_pairs < 1):
+        if regression_weight < 0:
+            raise ConfigError(f"dmd2: regression_weight must be >= 0, got {regression_weight}")
+        bad_pairs = int(regression_pairs) != regression_pairs or regression_pairs < 1
+        if (regression_steps > 0 or regression_weight > 0) and bad_pairs:
             raise ConfigError(f"dmd2: regression_pairs must be an integer >= 1, got {regression_pairs!r}")
         if int(regression_nfe) != regression_nfe or regression_nfe < 3 or regression_nfe % 2 == 0:
-            raise ConfigError(f"dmd2: regression_nfe must be an odd integer >= 3 (Heun: 2N - 1), got {regression_nfe!r}")
+            raise ConfigError(f"dmd2: regression_nfe must be an odd integer >= 3 (Heun: 2N - 1), got "
+                              f"{regression_nfe!r}")
         if student_sigmas is not None:
             levels = [float(s) for s in student_sigmas]
             if not levels or any(s <= 0 for s in levels) or any(a <= b for a, b in zip(levels, levels[1:])):
@@ -415,6 +423,7 @@ class DMD2(DistillLoss):
         self.dm_eps = float(dm_eps)
         self.regression_steps, self.regression_pairs = int(regression_steps), int(regression_pairs)
         self.regression_nfe = int(regression_nfe)
+        self.regression_weight = float(regression_weight)
         self.fake_warmup = int(fake_warmup)
         # Real data is needed only by the GAN classifier.
         self.needs_data = self.gan_weight > 0
@@ -459,7 +468,7 @@ class DMD2(DistillLoss):
                 cond = self._random_labels(teacher, n, x.device)
                 feats = self._tap.grab(self.fake.denoise, x, sigma, cond)
             self.gan_head = GANHead(feats.shape[1:]).to(x.device)
-        if self.regression_steps > 0:
+        if self.regression_steps > 0 or self.regression_weight > 0:
             z, cond, x0 = teacher_ode_pairs(teacher, self.regression_pairs, self.guidance, self._device(student),
                                             self._dtype(student), nfe=self.regression_nfe)
             # Persistent buffers: a resumed run regresses onto the same pairs.
@@ -664,5 +673,9 @@ class DMD2(DistillLoss):
             gan_g = gan_generator_loss(logits).mean()
             loss = loss + self.gan_weight * gan_g
             out["gan_g"] = gan_g.detach()
+        if self.regression_weight > 0:
+            reg = self._regression(student, teacher, batch)["loss"]
+            loss = loss + self.regression_weight * reg
+            out["regression"] = reg.detach()
         out["loss"] = loss
         return out

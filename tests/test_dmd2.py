@@ -202,6 +202,8 @@ def test_edm_weighted_dsm_of_exact_gaussian_denoiser_is_one():
     x0 = TARGET_M + TARGET_S * torch.randn(n, 1, dtype=F64)
     for sig in (0.01, 0.3, 2.0, 50.0):
         sigma = torch.full((n,), sig, dtype=F64)
+        post_var = TARGET_S**2 * sig**2 / (TARGET_S**2 + sig**2)
+        assert float(edm_loss_weight(sigma[:1], TARGET_S)) * post_var == pytest.approx(1.0, rel=1e-12)
         x_t = x0 + sig * torch.randn_like(x0)
         exact = dsm_loss(gaussian_denoiser(x_t, sigma, TARGET_M, TARGET_S), x0, sigma, TARGET_S).mean()
         assert abs(float(exact) - 1.0) < 0.02, (sig, float(exact))
@@ -465,3 +467,15 @@ def test_residual_fake_starts_at_the_teacher_and_learns_the_difference():
     out = loss("critic", student, teacher, {"batch_size": 32, "x0": teacher.sample(32)}, 0)
     out["loss"].backward()
     assert all(p.grad is not None for p in loss.fake.correction.net.mlp[-1].parameters())
+
+
+def test_regression_term_kept_during_distribution_matching():
+    torch.manual_seed(16)
+    teacher = ring()
+    student = build_student("generator", teacher, init="fresh", hidden=16, depth=2)
+    loss = build_loss("dmd2", fake_init="residual", fake_hidden=16, fake_depth=2, regression_weight=2.0,
+                      regression_pairs=64)
+    loss.setup(student, teacher)
+    out = loss("student", student, teacher, {"batch_size": 32}, 0)
+    torch.testing.assert_close(out["loss"].detach(), out["dm_loss"] + 2.0 * out["regression"])
+    assert float(out["regression"]) > 0
