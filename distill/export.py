@@ -147,7 +147,8 @@ def export_consistency_pipeline(student: Any, folder: Path, sampling: dict[str, 
             "pipe = ConsistencyModelPipeline.from_pretrained('<this folder>/diffusers')\n```\n\n"
             "For 1-channel images pass `generator=` rather than `latents=` (diffusers checks latents for 3 "
             "channels). One step is identical to `distill sample --nfe 1` (a test checks it); for several "
-            "steps pass the timesteps below (diffusers re-noises to `sqrt(sigma^2 - sigma_min^2)`, ours to `sigma`):\n\n"
+            "steps pass the timesteps below (diffusers re-noises to `sqrt(sigma^2 - sigma_min^2)`, ours to "
+            "`sigma`):\n\n"
             + "\n".join(lines) + "\n")
 
 

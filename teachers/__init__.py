@@ -6,7 +6,8 @@ unknown name fails with the list of valid names.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from distill.registry import Registry
 

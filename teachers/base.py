@@ -78,7 +78,7 @@ class Teacher(nn.Module):
         return None
 
     # -- the contract ---------------------------------------------------------------------------------------
-    def freeze(self) -> "Teacher":
+    def freeze(self) -> Teacher:
         self.eval()
         self.requires_grad_(False)
         return self

@@ -192,7 +192,8 @@ class DiffusersTeacher(Teacher):
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``unet/``, ``scheduler/`` and ``distill_teacher.json`` (the layout :func:`load_diffusers_teacher` reads)."""
+        """Write ``unet/``, ``scheduler/`` and ``distill_teacher.json`` (the layout :func:`load_diffusers_teacher`
+        reads)."""
         from diffusers import SchedulerMixin  # noqa: F401  (documents the dependency)
 
         path = Path(path)
