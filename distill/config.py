@@ -51,7 +51,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup: int = 0  # linear learning-rate warm-up, in iterations
+    warmup: int = 0  # linear learning-rate warm-up, in optimizer steps of this phase
+    decay: str = "none"  # none | cosine | linear: after the warm-up, anneal the lr to final_lr_ratio * lr at the end
+    final_lr_ratio: float = 0.0  # lr at the last step of training, as a fraction of lr (decay != none)
     grad_clip: float | None = 1.0  # max gradient norm; None disables clipping (the norm is still logged)
 
 

@@ -13,6 +13,7 @@ the global RNG is re-seeded from them at the start of each iteration — so trai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -27,9 +28,25 @@ from torch.utils.data import IterableDataset
 
 from losses.base import DistillLoss
 
-__all__ = ["DistillModule", "DataSource", "IterationStream", "build_optimizer"]
+__all__ = ["DistillModule", "DataSource", "IterationStream", "build_optimizer", "lr_factor"]
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+
+
+LR_DECAYS = ("none", "cosine", "linear")
+
+
+def lr_factor(i: int, total: int, warmup: int = 0, decay: str = "none", final_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step ``i`` of ``total``: linear warm-up over ``warmup`` steps, then
+    constant (``"none"``) or annealed to ``final_ratio`` at step ``total - 1`` by a half cosine or a straight line.
+    """
+    if warmup and i < warmup:
+        return (i + 1) / warmup
+    if decay == "none":
+        return 1.0
+    p = min(1.0, max(0.0, (i - warmup) / max(1, total - 1 - warmup)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if decay == "cosine" else 1.0 - p
+    return final_ratio + (1.0 - final_ratio) * shape
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
@@ -44,7 +61,8 @@ def build_optimizer(params: list[nn.Parameter], cfg: Any) -> torch.optim.Optimiz
 class DataSource:
     """Real data for a run, drawn deterministically: ``batch(k)`` depends only on ``(seed, rank, k)``.
 
-    ``images``/``labels`` come from a registered dataset; for an analytic teacher, ``sampler`` draws exact samples.
+    ``images``/``labels`` come from a registered dataset; for an analytic teacher, ``sampler`` draws exact samples;
+    with neither, batches carry only ``batch_size`` (data-free losses draw their own noise at that size).
     """
 
     def __init__(self, batch_size: int, seed: int, images: Tensor | None = None, labels: Tensor | None = None,
@@ -55,6 +73,11 @@ class DataSource:
         self.labels = labels
         self.sampler = sampler
         self.conditional = conditional
+
+    @property
+    def has_real_data(self) -> bool:
+        """Whether batches carry ``x0`` (a dataset or an exact sampler), not just their size."""
+        return self.images is not None or self.sampler is not None
 
     def batch(self, k: int, rank: int = 0, device: torch.device | str = "cpu") -> dict[str, Any]:
         g = torch.Generator().manual_seed(_seed_for(self.seed, rank, k, "data"))
@@ -94,8 +117,10 @@ class DistillModule(L.LightningModule):
         teacher: a frozen :class:`teachers.Teacher`.
         student: a :class:`students.base.FlowMapStudent`.
         loss: a :class:`losses.base.DistillLoss`.
-        optim: mapping phase -> optimizer config (``name, lr, betas, eps, weight_decay, warmup, grad_clip``).
-        data: a :class:`DataSource` or ``None`` for data-free losses.
+        optim: mapping phase -> optimizer config (``name, lr, betas, eps, weight_decay, warmup, decay,
+            final_lr_ratio, grad_clip``).
+        data: a :class:`DataSource`; for data-free losses one without images or sampler, which still sets the
+            batch size.
         ema_decay: decay of the student's evaluation EMA.
         max_steps: number of training iterations.
         seed: base seed of the per-iteration RNG.
@@ -104,7 +129,7 @@ class DistillModule(L.LightningModule):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: DistillLoss, optim: dict[str, Any],
-                 data: DataSource | None = None, ema_decay: float = 0.999, max_steps: int = 1000, seed: int = 0,
+                 data: DataSource, ema_decay: float = 0.999, max_steps: int = 1000, seed: int = 0,
                  log_every: int = 50, config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -118,7 +143,10 @@ class DistillModule(L.LightningModule):
 
             raise ConfigError(f"loss {type(loss).__name__} has phases {list(loss.phases)} but optim has no section "
                               f"for {missing}; add optim.{missing[0]}")
-        if loss.needs_data and data is None:
+        if not isinstance(data, DataSource):
+            raise TypeError(f"data must be a DataSource (DataSource(batch_size, seed) for data-free losses), got "
+                            f"{type(data).__name__}")
+        if loss.needs_data and not data.has_real_data:
             from distill.registry import ConfigError
 
             raise ConfigError(f"loss {type(loss).__name__} needs real data: set data.name (digits, mnist, teacher)")
@@ -142,8 +170,17 @@ class DistillModule(L.LightningModule):
                 raise RuntimeError(f"phase {phase!r} of {type(self.loss).__name__} has no trainable parameters")
             cfg = self.optim_cfg[phase]
             opt = build_optimizer(params, cfg)
-            warmup = int(cfg.warmup)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i, w=warmup: min(1.0, (i + 1) / w) if w else 1.0)
+            decay = str(cfg.decay)
+            if decay not in LR_DECAYS:
+                from distill.registry import ConfigError
+
+                raise ConfigError(f"unknown optim.{phase}.decay {decay!r}; valid: {', '.join(LR_DECAYS)}")
+            # This phase's number of optimizer steps (DMD2's generator steps once per critic_updates iterations).
+            total = sum(phase in self.loss.phases_for_step(k) for k in range(self.max_steps)) if decay != "none" \
+                else 0
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, functools.partial(lr_factor, total=total, warmup=int(cfg.warmup), decay=decay,
+                                       final_ratio=float(cfg.final_lr_ratio)))
             opts.append(opt)
             scheds.append(sched)
         return opts, scheds
@@ -168,8 +205,7 @@ class DistillModule(L.LightningModule):
             self.trainer.should_stop = True
             return
         torch.manual_seed(_seed_for(self.seed, self.global_rank, k))
-        data = self.data.batch(k, self.global_rank, self.device) if self.data is not None else {}
-        data.setdefault("batch_size", self.data.batch_size if self.data is not None else 1)
+        data = self.data.batch(k, self.global_rank, self.device)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         scheds = self.lr_schedulers()
@@ -246,7 +282,7 @@ class DistillModule(L.LightningModule):
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *student.data_shape), generator=g).to(self.device)
         cond = None
-        if getattr(self.teacher, "num_classes", None) and self.data is not None and self.data.conditional:
+        if getattr(self.teacher, "num_classes", None) and self.data.conditional:
             cond = torch.randint(0, self.teacher.num_classes, (n,), generator=g).to(self.device)
         if sigmas is None:
             sigmas = student_sigmas(nfe, student.sigma_max)

@@ -47,8 +47,8 @@ def build_data(cfg: DictConfig, teacher: Any) -> Any:
     from distill.module import DataSource
 
     name = cfg.data.name
-    if name is None:
-        return None
+    if name is None:  # data-free losses still draw their own noise in batches of data.batch_size
+        return DataSource(cfg.data.batch_size, cfg.seed)
     if name == "teacher":
         if not hasattr(teacher, "sample"):
             raise ConfigError("data.name=teacher needs an analytic teacher with exact samples; use digits or mnist")
@@ -202,20 +202,39 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
     rows: list[EvalRow] = []
     student = module.ema.module
     conditional = module.data is not None and module.data.conditional
+    step = int(module.iteration)
+
+    # The FID callback scores the same samples (same seed, noise, grid and protocol) when its schedule hits the
+    # last iteration; its rows are reused rather than generated twice.
+    def same(r: EvalRow) -> bool:
+        return r.record.get("n_samples") == ev.n_samples
+
+    done_ref = {r.seed: r for r in fid_cb.reference if same(r)} if fid_cb is not None else {}
+    done_student = {(r.seed, r.record.get("nfe")): r for r in fid_cb.rows if r.model == f"student@{step}"
+                    and same(r)} if fid_cb is not None else {}
     for seed in ev.seeds:
-        x, nfe = generate_teacher(module.teacher, ev.reference_sampler, ev.reference_nfe, "karras", ev.n_samples,
-                                  seed, ev.guidance, ev.batch_size)
-        rec = scorer(x, nfe=nfe, sampler=ev.reference_sampler, grid="karras", guidance=ev.guidance, seed=seed,
-                     model="teacher")
-        rows.append(EvalRow("teacher", ev.reference_sampler, "karras", nfe, seed, rec["score"], scorer.metric, rec))
+        if seed in done_ref:
+            ref = done_ref[seed]
+            rows.append(EvalRow("teacher", ref.sampler, ref.grid, ref.nfe, seed, ref.score, ref.metric, ref.record))
+        else:
+            x, nfe = generate_teacher(module.teacher, ev.reference_sampler, ev.reference_nfe, "karras",
+                                      ev.n_samples, seed, ev.guidance, ev.batch_size)
+            rec = scorer(x, nfe=nfe, sampler=ev.reference_sampler, grid="karras", guidance=ev.guidance, seed=seed,
+                         model="teacher")
+            rows.append(EvalRow("teacher", ev.reference_sampler, "karras", nfe, seed, rec["score"], scorer.metric,
+                                rec))
         for k in ev.nfe:
-            sig = student_sigmas(k, student.sigma_max, ev.student_sigma_floor, to_container(ev.student_sigmas))
-            x, nfe, sig = generate_student(student, k, ev.n_samples, seed, ev.gamma, sig, batch_size=ev.batch_size,
-                                           num_classes=module.teacher.num_classes if conditional else None)
-            rec = scorer(x, nfe=nfe, sampler=f"student(gamma={ev.gamma})",
-                         grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
-                         model=f"{cfg.name}:ema_student", step=int(module.iteration))
-            rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", nfe, seed, rec["score"],
+            if (seed, k) in done_student:
+                rec = dict(done_student[(seed, k)].record, model=f"{cfg.name}:ema_student")
+            else:
+                sig = student_sigmas(k, student.sigma_max, ev.student_sigma_floor, to_container(ev.student_sigmas))
+                x, nfe, sig = generate_student(student, k, ev.n_samples, seed, ev.gamma, sig,
+                                               batch_size=ev.batch_size,
+                                               num_classes=module.teacher.num_classes if conditional else None)
+                rec = scorer(x, nfe=nfe, sampler=f"student(gamma={ev.gamma})",
+                             grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
+                             model=f"{cfg.name}:ema_student", step=step)
+            rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", rec["nfe"], seed, rec["score"],
                                 scorer.metric, rec))
     paths = write_table(rows, out_dir, "eval", f"{cfg.name}: {scorer.metric} at fixed NFE "
                         f"({ev.n_samples} samples, seeds {list(ev.seeds)}, iteration {int(module.iteration)})")

@@ -49,6 +49,37 @@ def test_resume_is_exact(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def dmd2_ring_cfg(tmp: Path, steps: int, name: str):
+    # A tiny version of configs/ring_dmd2.yaml that crosses every stage of its schedule within 24 iterations:
+    # regression warm start (0-3), fake-score warm-up (4-5), then TTUR 2 (a generator update every other iteration).
+    ov = [f"trainer.max_steps={steps}", "eval.every=0", "trainer.grid_every=0", "trainer.progress_bar=false",
+          "trainer.ckpt_every=6", "data.batch_size=64", "student.hidden=32", "student.depth=2",
+          "loss.fake_hidden=32", "loss.fake_depth=2", "loss.critic_updates=2", "loss.regression_steps=4",
+          "loss.regression_pairs=128", "loss.regression_nfe=5", "loss.fake_warmup=2", f"out_dir={tmp / name}",
+          "trainer.log_every=5"]
+    return load_config(ROOT / "configs" / "ring_dmd2.yaml", ov)
+
+
+def test_two_phase_resume_is_exact(tmp_path):
+    """DMD2 keeps two optimizers, a fake score and cached regression pairs: 24 straight == 13 + resume + 11."""
+    from distill.train import run_training
+
+    run_training(dmd2_ring_cfg(tmp_path, 24, "straight"), final_eval=False)
+    run_training(dmd2_ring_cfg(tmp_path, 13, "split"), final_eval=False)  # stops between a critic and a G update
+    run_training(dmd2_ring_cfg(tmp_path, 24, "split"), resume=True, final_eval=False)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("loss.fake.") for k in a["state_dict"]) and "loss.ode_x0" in a["state_dict"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} differs after resume"
+    assert len(a["optimizer_states"]) == 2
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
+        for i, st in oa["state"].items():
+            for name, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][name])), (i, name)
+
+
 def test_checkpoint_errors_are_one_line(tmp_path):
     from distill.train import load_training_checkpoint, run_training
 
@@ -144,3 +175,77 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "distill.cli", "sample", "teacher.name=nope"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "valid teachers" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("config, data", [("ring_dmd2", "null"), ("ring_cd", "teacher")])
+def test_every_loss_batch_has_the_configured_size(tmp_path, config, data):
+    # Data-free losses (DMD2 on the ring) get their batch size from data.batch_size too; a missing DataSource once
+    # silently trained them at batch size 1.
+    from distill.train import build_module
+
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", [f"out_dir={tmp_path}", "data.batch_size=37",
+                                                            "loss.regression_steps=0", "loss.regression_weight=0"]
+                      if config == "ring_dmd2" else [f"out_dir={tmp_path}", "data.batch_size=37"])
+    assert cfg.data.name == (None if data == "null" else data)
+    module = build_module(cfg)
+    batch = module.data.batch(0)
+    assert batch["batch_size"] == 37
+    assert ("x0" in batch) == (data == "teacher")
+    if data == "teacher":
+        assert batch["x0"].shape == (37, 2)
+
+
+def test_lr_schedule_warmup_and_decay():
+    from distill.module import lr_factor
+
+    assert [lr_factor(i, 10, warmup=4) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [lr_factor(i, 11, decay="cosine", final_ratio=0.1) for i in range(11)]
+    assert cos[0] == 1.0 and abs(cos[-1] - 0.1) < 1e-12 and abs(cos[5] - 0.55) < 1e-12
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    lin = [lr_factor(i, 6, warmup=1, decay="linear") for i in range(6)]
+    assert lin == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_lr_decay_counts_each_phase_own_steps(tmp_path):
+    # DMD2's generator steps once per critic_updates iterations after the warm-ups: its cosine must still end at
+    # final_lr_ratio on its own last step, not a fifth of the way through.
+    from distill.train import build_module
+
+    cfg = dmd2_ring_cfg(tmp_path, 24, "lr")
+    for phase in ("student", "critic"):
+        cfg.optim[phase].decay = "cosine"
+        cfg.optim[phase].final_lr_ratio = 0.2
+    module = build_module(cfg)
+    opts, scheds = module.configure_optimizers()
+    steps = {p: sum(p in module.loss.phases_for_step(k) for k in range(24)) for p in module.loss.phases}
+    assert steps == {"critic": 2 + 18, "student": 4 + 9}
+    for phase, opt, sched in zip(module.loss.phases, opts, scheds):
+        lr0 = opt.param_groups[0]["lr"]
+        for _ in range(steps[phase] - 1):
+            opt.step()
+            sched.step()
+        assert abs(opt.param_groups[0]["lr"] - 0.2 * float(cfg.optim[phase].lr)) < 1e-12 * lr0
+    with pytest.raises(ConfigError, match="unknown optim.student.decay 'cos'; valid: none, cosine, linear"):
+        cfg.optim.student.decay = "cos"
+        build_module(cfg).configure_optimizers()
+
+
+def test_final_eval_reuses_the_callbacks_last_rows_exactly(tmp_path):
+    # The FID callback's rows at the last iteration are reused by the final table; they must equal what the final
+    # evaluation computes on its own (same noise, grid and protocol), and other seeds are computed fresh.
+    from distill.train import final_evaluation, run_training
+
+    cfg = ring_cfg(tmp_path, 12, "fe", **{"eval.every": "12", "eval.seeds": "[0,1]", "eval.n_samples": "500",
+                                          "eval.batch_size": "500", "eval.nfe": "[1,2]"})
+    res = run_training(cfg, final_eval=True)
+    reused = {(r["model"], r["nfe"], r["seed"]): r["score"] for r in res["eval"]["rows"]}
+    assert len(reused) == 6 and {k[2] for k in reused} == {0, 1}
+    from distill.train import build_module
+
+    module = build_module(cfg)
+    ckpt = torch.load(tmp_path / "fe" / "checkpoints" / "last.ckpt", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    from distill.evaluate import build_scorer as scorer_for
+
+    fresh = final_evaluation(module, scorer_for(module.teacher, "auto"), cfg, tmp_path / "fresh", fid_cb=None)
+    assert {(r["model"], r["nfe"], r["seed"]): r["score"] for r in fresh["rows"]} == reused
