@@ -26,3 +26,22 @@ def test_sweep_emas_scores_every_ema_and_a_zero_decay_ema_is_the_raw_student(tmp
     assert keys <= set(rows[-1]) and all(math.isfinite(rows[-1][k]) for k in keys)
     assert rows[-1]["ema0.0_nfe1"] != rows[-1]["ema0.9_nfe1"]  # two different averages were scored
     assert (tmp_path / "s.json").is_file()
+
+
+def test_sweep_student_sampling_scores_every_floor_and_gamma(tmp_path):
+    from distill.config import load_config
+    from distill.export import export_checkpoint
+    from distill.train import run_training
+
+    ov = ["trainer.max_steps=4", "eval.every=0", "trainer.grid_every=0", "trainer.progress_bar=false",
+          "trainer.ckpt_every=4", "data.batch_size=64", "student.hidden=32", "student.depth=2", "loss.num_levels=6",
+          f"out_dir={tmp_path / 'r'}"]
+    run_training(load_config(ROOT / "configs" / "ring_cd.yaml", ov), final_eval=False)
+    out = export_checkpoint(tmp_path / "r", tmp_path / "export")
+    rows = _load("sweep_student_sampling").main([str(out), "--teacher", "ring", "--features", "auto", "--floors",
+                                                 "0.3", "2.0", "--gammas", "0.0", "1.0", "--seeds", "0", "1",
+                                                 "--n", "400", "--threads", "1", "--json", str(tmp_path / "s.json")])
+    assert [(r["floor"], r["gamma"]) for r in rows] == [(0.3, 0.0), (0.3, 1.0), (2.0, 0.0), (2.0, 1.0)]
+    assert all(len(r["scores"]) == 2 and math.isfinite(r["mean"]) for r in rows)
+    assert len({r["mean"] for r in rows}) == 4  # the settings really change the samples
+    assert (tmp_path / "s.json").is_file()
