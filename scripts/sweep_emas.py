@@ -14,7 +14,6 @@ distribution, not bit for bit. Scores use 2,000 samples and sampling seed 0 (the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -29,8 +28,7 @@ if str(ROOT) not in sys.path:
 
 from distill.config import load_config  # noqa: E402
 from distill.evaluate import build_scorer, generate_student, student_sigmas  # noqa: E402
-from distill.module import build_optimizer, lr_factor  # noqa: E402
-from distill.train import build_components, build_data  # noqa: E402
+from distill.train import build_module  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -48,18 +46,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, list(args.overrides) + [f"seed={args.seed}"])
+    cfg = load_config(args.config, list(args.overrides) + [f"seed={args.seed}", f"trainer.max_steps={args.steps}"])
     torch.manual_seed(cfg.seed)
-    teacher, student, loss = build_components(cfg)
-    loss.setup(student, teacher)
-    data = build_data(cfg, teacher)
-    opts, scheds = {}, {}
-    for phase in loss.phases:
-        oc = cfg.optim[phase]
-        opts[phase] = build_optimizer(loss.phase_parameters(phase, student), oc)
-        total = sum(phase in loss.phases_for_step(k) for k in range(args.steps))
-        scheds[phase] = torch.optim.lr_scheduler.LambdaLR(opts[phase], functools.partial(
-            lr_factor, total=total, warmup=int(oc.warmup), decay=str(oc.decay), final_ratio=float(oc.final_lr_ratio)))
+    # The same networks, data source and per-phase optimizers/lr schedules as `distill train` builds.
+    module = build_module(cfg)
+    teacher, student, loss, data = module.teacher, module.student, module.loss, module.data
+    opt_list, sched_list = module.configure_optimizers()
+    opts, scheds = dict(zip(loss.phases, opt_list)), dict(zip(loss.phases, sched_list))
     emas = {d: AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.emas}
     scorer = build_scorer(teacher, cfg.eval.features)
     rows: list[dict] = []
