@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from distill.evaluate import EvalRow, Scorer, generate_student, student_sigmas
+from distill.evaluate import EvalRow, Scorer, generate_student
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -24,7 +24,7 @@ def save_sample_figure(x: torch.Tensor, path: str | Path, title: str = "") -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
-        from distill.data import save_grid
+        from distill.core.data import save_grid
 
         save_grid(x[:64].cpu(), path)
         return
@@ -53,18 +53,14 @@ class FIDCallback(L.Callback):
     """
 
     def __init__(self, scorer: Scorer, out_dir: str | Path, every: int, nfes: list[int], n_samples: int,
-                 seed: int = 0, gamma: float = 1.0, floor: float = 0.4,
-                 explicit_sigmas: dict[str, list[float]] | None = None, reference_nfe: int = 35,
-                 reference_sampler: str = "heun", batch_size: int = 1000, guidance: float = 1.0) -> None:
+                 seed: int = 0, reference_nfe: int = 35, reference_sampler: str = "heun", batch_size: int = 1000,
+                 guidance: float = 1.0) -> None:
         self.scorer = scorer
         self.out_dir = Path(out_dir)
         self.every = every
         self.nfes = list(nfes)
         self.n = n_samples
         self.seed = seed
-        self.gamma = gamma
-        self.floor = floor
-        self.explicit = explicit_sigmas or {}
         self.reference_nfe = reference_nfe
         self.reference_sampler = reference_sampler
         self.batch_size = batch_size
@@ -84,13 +80,12 @@ class FIDCallback(L.Callback):
                                           self.scorer.metric, rec))
         new = []
         student = pl_module.ema.module
-        num_classes = pl_module.teacher.num_classes if (pl_module.data is not None and pl_module.data.conditional) \
-            else None
+        num_classes = pl_module.teacher.num_classes if pl_module.conditional else None
+        plan = pl_module.sampling
         for k in self.nfes:
-            sig = student_sigmas(k, student.sigma_max, self.floor, self.explicit)
-            x, nfe, sig = generate_student(student, k, self.n, self.seed, self.gamma, sig,
-                                           batch_size=self.batch_size, num_classes=num_classes)
-            rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={self.gamma})", grid=str([round(float(s), 4)
+            x, nfe, sig = generate_student(student, k, self.n, self.seed, plan, batch_size=self.batch_size,
+                                           num_classes=num_classes)
+            rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={plan.gamma})", grid=str([round(float(s), 4)
                               for s in sig.tolist()]), guidance=1.0, seed=self.seed, model="ema_student", step=step)
             row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)
             new.append(row)
@@ -159,23 +154,18 @@ class SampleGridCallback(L.Callback):
     """Every ``every`` iterations, save a grid (or 2-D scatter) of EMA-student samples at each NFE, and log the grid
     image to TensorBoard when that logger is attached."""
 
-    def __init__(self, out_dir: str | Path, every: int, nfes: list[int], floor: float = 0.4, gamma: float = 1.0,
-                 explicit_sigmas: dict[str, list[float]] | None = None) -> None:
+    def __init__(self, out_dir: str | Path, every: int, nfes: list[int]) -> None:
         self.out_dir = Path(out_dir)
         self.every = every
         self.nfes = nfes
-        self.floor = floor
-        self.gamma = gamma
-        self.explicit = explicit_sigmas or {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         k = int(pl_module.iteration)
         if not (self.every and (k % self.every == 0 or k == pl_module.max_steps)) or not trainer.is_global_zero:
             return
         for nfe in self.nfes:
-            sig = student_sigmas(nfe, pl_module.ema.module.sigma_max, self.floor, self.explicit)
             n = 64 if len(pl_module.ema.module.data_shape) > 1 else 2000
-            x = pl_module.ema_samples(n, nfe=nfe, gamma=self.gamma, sigmas=sig)
+            x = pl_module.ema_samples(n, nfe=nfe)
             path = self.out_dir / f"step{k:06d}_nfe{nfe}.png"
             save_sample_figure(x, path, f"iteration {k}, {nfe} NFE")
             for lg in trainer.loggers:

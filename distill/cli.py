@@ -117,11 +117,12 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
     import torch
 
     from distill.evaluate import EvalRow, build_scorer, generate_student, markdown_table, write_table
-    from distill.export import load_exported
+    from distill.export import export_plan, load_exported
     from teachers import build_teacher
 
     ev = cfg.eval
     student, sampling = load_exported(args.student)
+    plan = export_plan(sampling)
     # The scorer needs the teacher's *data* (reference statistics), not the teacher network, for FID; for analytic
     # teachers it samples the exact distribution.
     from distill.config import to_container
@@ -131,8 +132,7 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
     rows = []
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
-            x, nfe, s = generate_student(student, int(k), ev.n_samples, seed, sampling["gamma"],
-                                         torch.tensor(sig, dtype=torch.float64), batch_size=ev.batch_size,
+            x, nfe, _ = generate_student(student, int(k), ev.n_samples, seed, plan, batch_size=ev.batch_size,
                                          num_classes=sampling.get("num_classes"))
             rec = scorer(x, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig), seed=seed,
                          guidance=1.0, model=str(args.student))
@@ -153,15 +153,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.student:
         from distill.evaluate import generate_student
-        from distill.export import load_exported
+        from distill.export import export_plan, load_exported
 
         student, sampling = load_exported(args.student)
         nfe = args.nfe or int(sampling["default_nfe"])
         if str(nfe) not in sampling["sigmas"]:
             raise ValueError(f"the export has sampling levels for NFE {sorted(sampling['sigmas'], key=int)}, "
                              f"not {nfe}")
-        sig = torch.tensor(sampling["sigmas"][str(nfe)], dtype=torch.float64)
-        x, measured, _ = generate_student(student, nfe, args.n, args.seed, sampling["gamma"], sig,
+        x, measured, _ = generate_student(student, nfe, args.n, args.seed, export_plan(sampling),
                                           num_classes=sampling.get("num_classes"))
         what = f"student {args.student}, {measured} NFE"
     else:
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
-    from distill.registry import ConfigError
+    from distill.core.registry import ConfigError
 
     try:
         return COMMANDS[args.command](args)

@@ -15,13 +15,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 
 __all__ = [
     "DataConfig",
     "OptimConfig",
     "TrainerConfig",
     "EvalConfig",
+    "SamplingConfig",
+    "EMAConfig",
     "RunConfig",
     "load_config",
     "to_container",
@@ -33,13 +35,14 @@ __all__ = [
 class DataConfig:
     """Real data for losses that need it (consistency distillation from data, GAN heads).
 
-    ``name``: a dataset registered in :mod:`distill.data` (``digits``, ``mnist``), ``teacher`` (exact samples of an
+    ``name``: a dataset registered in :mod:`distill.core.data` (``digits``, ``mnist``), ``teacher`` (exact samples of an
     analytic teacher) or ``None`` (data-free).
     """
 
     name: str | None = None
-    batch_size: int = 128
+    batch_size: int = 128  # per-iteration global batch (split across processes under DDP)
     conditional: bool = False  # pass the dataset's labels to the teacher/student as cond
+    pair_cache_dir: str | None = None  # teacher-pair cache root (default: <out_dir>/teacher_pairs); share to reuse
 
 
 @dataclass
@@ -93,10 +96,28 @@ class EvalConfig:
     reference_sampler: str = "heun"
     diffusers_samplers: list[str] = field(default_factory=list)  # e.g. [dpmpp_2m, unipc] through the bridge
     guidance: float = 1.0
-    # student sampling: sigma levels per NFE (explicit lists win; otherwise a Karras grid down to student_sigma_floor)
-    student_sigmas: dict[str, list[float]] = field(default_factory=dict)
-    student_sigma_floor: float = 0.4
-    gamma: float = 1.0  # 0 = deterministic jumps, 1 = multistep consistency sampling
+
+
+@dataclass
+class SamplingConfig:
+    """Overrides of the student's sampling plan (``students.SamplingPlan``; null = the loss's or the default):
+    ``levels`` per NFE (explicit lists win), else ``sigma_max`` then Karras levels down to ``floor``; CTM ``gamma``
+    (0 = deterministic jumps, 1 = multistep consistency sampling). Used by evaluation, grids and export alike."""
+
+    gamma: float | None = None
+    floor: float | None = None
+    levels: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class EMAConfig:
+    """The student's evaluation EMA (``distill.core.ema``): ``exp`` with ``decay``, or EDM2's ``power`` EMA with
+    ``gamma`` or ``sigma_rel``."""
+
+    kind: str = "exp"
+    decay: float = 0.999
+    gamma: float | None = None
+    sigma_rel: float | None = None
 
 
 @dataclass
@@ -111,7 +132,8 @@ class RunConfig:
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "cd"})
     data: DataConfig = field(default_factory=DataConfig)
     optim: dict[str, OptimConfig] = field(default_factory=lambda: {"student": OptimConfig()})
-    ema_decay: float = 0.999
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.registry import ConfigError, check_kwargs
-from distill.samplers import DenoiserFn
+from distill.core.registry import ConfigError, check_kwargs
+from distill.core.samplers import DenoiserFn
 
 __all__ = ["SCHEDULER_NAMES", "make_scheduler", "scheduler_family", "scheduler_sigmas", "sample_diffusers"]
 

@@ -5,7 +5,7 @@
 * Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
   off-mode fraction (shared/benchmarks.md "Ring"), in a record of the same shape.
 
-NFE is *measured* by wrapping the network (:func:`distill.nfe.count_nfe`), and the measured value is what is
+NFE is *measured* by wrapping the network (:func:`distill.core.nfe.count_nfe`), and the measured value is what is
 recorded.
 """
 
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.nfe import count_nfe
-from distill.schedules import karras_sigmas, make_grid
+from distill.core.nfe import count_nfe
+from distill.core.schedules import make_grid
+from students import SamplingPlan, sample_student
 
-__all__ = ["Scorer", "build_scorer", "student_sigmas", "generate_teacher", "generate_student", "EvalRow",
+__all__ = ["Scorer", "build_scorer", "generate_teacher", "generate_student", "EvalRow",
            "teacher_table", "write_table"]
 
 
@@ -117,21 +118,6 @@ def build_scorer(teacher: Any, features: str = "auto", inception_path: str | Non
     return FIDScorer(features, inception_path, kind)
 
 
-def student_sigmas(nfe: int, sigma_max: float, floor: float = 0.4,
-                   explicit: dict[str, list[float]] | None = None) -> Tensor:
-    """The student's sampling levels for ``nfe`` steps, ending in 0: an explicit list if configured, else
-    ``sigma_max`` followed by ``nfe - 1`` Karras-spaced levels down to ``floor``
-    (a 2-step grid is ``[sigma_max, floor]``)."""
-    if explicit and str(nfe) in explicit:
-        levels = [float(s) for s in explicit[str(nfe)]]
-        if len(levels) != nfe:
-            raise ValueError(f"eval.student_sigmas[{nfe}] must list {nfe} levels, got {len(levels)}")
-        return torch.tensor(levels + [0.0], dtype=torch.float64)
-    if nfe == 1:
-        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-    return karras_sigmas(nfe, sigma_min=floor, sigma_max=sigma_max)
-
-
 def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond: Tensor | None,
              batch_size: int) -> Tensor:
     outs = []
@@ -155,7 +141,7 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 
     Returns ``(samples, measured_nfe)``.
     """
-    from distill.samplers import get_sampler, steps_for_nfe
+    from distill.core.samplers import get_sampler, steps_for_nfe
 
     noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes)
     den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
@@ -180,20 +166,20 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 
 
 @torch.no_grad()
-def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, gamma: float = 1.0,
-                     sigmas: Tensor | None = None, floor: float = 0.4, batch_size: int = 1000,
-                     num_classes: int | None = None) -> tuple[Tensor, int, Tensor]:
-    """Samples from a student at ``nfe`` steps. Returns ``(samples, measured_nfe, sigmas)``."""
-    from students import sample_student
+def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan: SamplingPlan | None = None,
+                     batch_size: int = 1000, num_classes: int | None = None) -> tuple[Tensor, int, Tensor]:
+    """Samples from a student at ``nfe`` steps under ``plan`` (default :class:`students.SamplingPlan`).
 
-    if sigmas is None:
-        sigmas = student_sigmas(nfe, student.sigma_max, floor)
+    Returns ``(samples, measured_nfe, sigmas)``.
+    """
+    plan = plan or SamplingPlan()
+    sigmas = plan.sigmas(nfe, student.sigma_max)
     noise, cond = _noise(student.data_shape, n, seed, num_classes)
     gen = torch.Generator().manual_seed(seed + 1)
     was_training = student.training
     student.eval()
     with count_nfe(student, "x0_estimate") as counter:
-        x = _batched(lambda z, c: sample_student(student, z, sigmas, gamma=gamma, cond=c, generator=gen),
+        x = _batched(lambda z, c: sample_student(student, z, sigmas, gamma=plan.gamma, cond=c, generator=gen),
                      noise, cond, batch_size)
     student.train(was_training)
     return x.float(), counter.calls // math.ceil(n / batch_size), sigmas
@@ -206,7 +192,7 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
     """The FID-vs-NFE table of the teacher's training-free solvers (ours and diffusers'), plus the reference row."""
     from tqdm.auto import tqdm
 
-    from distill.samplers import steps_for_nfe
+    from distill.core.samplers import steps_for_nfe
 
     jobs: list[tuple[str, str, int, bool]] = []
     for s in samplers:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.registry import Registry
+from distill.core.registry import Registry
 
 __all__ = [
     "FeatureExtractor",

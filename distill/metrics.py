@@ -27,7 +27,7 @@ from scipy.linalg import LinAlgWarning
 from torch import Tensor
 
 from distill.features import ASSETS_DIR, DigitsFeatures, FeatureExtractor
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 
 __all__ = [
     "frechet_distance",
@@ -197,7 +197,7 @@ DIGITS_REFERENCE_SOURCE = "sklearn load_digits, all 1797 images, x/8-1"
 
 def compute_digits_reference_stats(extractor: FeatureExtractor) -> ReferenceStats:
     """Statistics of all 1,797 real digits under ``extractor``, computed now (well under a second on a CPU)."""
-    from distill.data import load_digits_tensor
+    from distill.core.data import load_digits_tensor
 
     images, _ = load_digits_tensor()
     return ReferenceStats.from_features(extractor(images), DIGITS_REFERENCE_SOURCE, extractor.describe())

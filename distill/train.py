@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.config import save_config, to_container
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 
 __all__ = ["build_components", "build_module", "run_training", "load_training_checkpoint"]
 
@@ -43,35 +43,23 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any, Any]:
     return teacher, student, loss
 
 
-def build_data(cfg: DictConfig, teacher: Any) -> Any:
-    from distill.module import DataSource
-
-    name = cfg.data.name
-    if name is None:  # data-free losses still draw their own noise in batches of data.batch_size
-        return DataSource(cfg.data.batch_size, cfg.seed)
-    if name == "teacher":
-        if not hasattr(teacher, "sample"):
-            raise ConfigError("data.name=teacher needs an analytic teacher with exact samples; use digits or mnist")
-        return DataSource(cfg.data.batch_size, cfg.seed, sampler=teacher, conditional=cfg.data.conditional)
-    from distill.data import build_dataset
-
-    ds = build_dataset(name)
-    images, labels = ds.tensors
-    if tuple(images.shape[1:]) != tuple(teacher.data_shape):
-        raise ConfigError(f"dataset {name!r} has shape {list(images.shape[1:])} but the teacher expects "
-                          f"{list(teacher.data_shape)}")
-    return DataSource(cfg.data.batch_size, cfg.seed, images=images, labels=labels, conditional=cfg.data.conditional)
-
-
 def build_module(cfg: DictConfig) -> Any:
     from distill.module import DistillModule
 
     teacher, student, loss = build_components(cfg)
-    data = build_data(cfg, teacher)
     optim = {k: v for k, v in cfg.optim.items()}
-    return DistillModule(teacher, student, loss, optim, data=data, ema_decay=cfg.ema_decay,
-                         max_steps=cfg.trainer.max_steps, seed=cfg.seed, log_every=cfg.trainer.log_every,
+    data = {"dataset": cfg.data.name, "batch_size": cfg.data.batch_size, "conditional": cfg.data.conditional,
+            "pair_cache_dir": cfg.data.pair_cache_dir, "out_dir": cfg.out_dir}
+    ema = {k: v for k, v in to_container(cfg.ema).items() if v is not None}
+    return DistillModule(teacher, student, loss, optim, data=data, ema=ema, max_steps=cfg.trainer.max_steps,
+                         seed=cfg.seed, log_every=cfg.trainer.log_every, sampling=sampling_overrides(cfg),
                          config=to_container(cfg))
+
+
+def sampling_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The non-null fields of the config's ``sampling`` section."""
+    sc = to_container(cfg.sampling)
+    return {k: v for k, v in sc.items() if v is not None and v != {}}
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -90,26 +78,6 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_resume_compatible(ckpt: dict[str, Any], module: Any, path: Path) -> None:
-    """Fail with one line if the checkpoint's networks do not match the configured ones."""
-    saved = ckpt["state_dict"]
-    own = module.state_dict()
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape))
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} with another shape (e.g. {k}: {list(saved[k].shape)} vs "
-                         f"{list(own[k].shape)})")
-        raise ValueError(f"checkpoint {str(path)!r} does not match this config's networks: " + "; ".join(parts))
-
-
 def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -121,10 +89,15 @@ def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[Any]) -> Any:
     loggers = [CSVLogger(out_dir, name="logs"), TensorBoardLogger(out_dir, name="tb", version="")]
     if cfg.trainer.progress_bar:
         callbacks = callbacks + [IterationProgressBar(refresh_rate=10)]
+    strategy: Any = cfg.trainer.strategy
+    if strategy == "ddp":
+        from distill.strategies import GradSyncDDPStrategy
+
+        strategy = GradSyncDDPStrategy()
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
+        strategy=strategy,
         precision=cfg.trainer.precision,
         max_epochs=-1,  # the stream is endless; DistillModule stops at trainer.max_steps iterations
         max_steps=-1,
@@ -156,8 +129,8 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     ckpt_path = None
     if resume:
         ckpt_path = Path(resume) if isinstance(resume, str) else out_dir / "checkpoints" / "last.ckpt"
-        ckpt = load_training_checkpoint(ckpt_path)
-        check_resume_compatible(ckpt, module, ckpt_path)
+        load_training_checkpoint(ckpt_path)  # one-line errors before Lightning touches it
+        module.resume_path = str(ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     ev = cfg.eval
@@ -166,13 +139,11 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     callbacks: list[Any] = []
     fid_cb = None
     if ev.every and scorer is not None:
-        fid_cb = FIDCallback(scorer, out_dir, ev.every, list(ev.nfe), ev.n_samples, ev.seeds[0], ev.gamma,
-                             ev.student_sigma_floor, to_container(ev.student_sigmas), ev.reference_nfe,
+        fid_cb = FIDCallback(scorer, out_dir, ev.every, list(ev.nfe), ev.n_samples, ev.seeds[0], ev.reference_nfe,
                              ev.reference_sampler, ev.batch_size, ev.guidance)
         callbacks.append(fid_cb)
     if cfg.trainer.grid_every:
-        callbacks.append(SampleGridCallback(out_dir / "samples", cfg.trainer.grid_every, list(ev.nfe),
-                                            ev.student_sigma_floor, ev.gamma, to_container(ev.student_sigmas)))
+        callbacks.append(SampleGridCallback(out_dir / "samples", cfg.trainer.grid_every, list(ev.nfe)))
     ckpt_cb = IterationCheckpoint(out_dir / "checkpoints", cfg.trainer.ckpt_every)
     callbacks.append(ckpt_cb)
     trainer = make_trainer(cfg, out_dir, callbacks)
@@ -194,14 +165,13 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
         generate_student,
         generate_teacher,
         markdown_table,
-        student_sigmas,
         write_table,
     )
 
     ev = cfg.eval
     rows: list[EvalRow] = []
     student = module.ema.module
-    conditional = module.data is not None and module.data.conditional
+    conditional = module.conditional
     step = int(module.iteration)
 
     # The FID callback scores the same samples (same seed, noise, grid and protocol) when its schedule hits the
@@ -227,11 +197,10 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
             if (seed, k) in done_student:
                 rec = dict(done_student[(seed, k)].record, model=f"{cfg.name}:ema_student")
             else:
-                sig = student_sigmas(k, student.sigma_max, ev.student_sigma_floor, to_container(ev.student_sigmas))
-                x, nfe, sig = generate_student(student, k, ev.n_samples, seed, ev.gamma, sig,
+                x, nfe, sig = generate_student(student, k, ev.n_samples, seed, module.sampling,
                                                batch_size=ev.batch_size,
                                                num_classes=module.teacher.num_classes if conditional else None)
-                rec = scorer(x, nfe=nfe, sampler=f"student(gamma={ev.gamma})",
+                rec = scorer(x, nfe=nfe, sampler=f"student(gamma={module.sampling.gamma})",
                              grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
                              model=f"{cfg.name}:ema_student", step=step)
             rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", rec["nfe"], seed, rec["score"],

@@ -16,7 +16,6 @@ grid in the project), and ``n`` is drawn uniformly in ``{0, ..., N-2}``: the stu
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.conversions import append_dims
-from distill.registry import ConfigError
-from distill.samplers import euler_step, heun_step
-from distill.schedules import karras_sigmas
+from distill.core.conversions import append_dims
+from distill.core.ema import make_ema
+from distill.core.registry import ConfigError
+from distill.core.samplers import euler_step, heun_step
+from distill.core.schedules import karras_sigmas
 
 from . import register_loss
-from .base import Batch, DistillLoss
+from .base import Batch, DataSpec, DistillLoss, StepContext
 
 __all__ = ["ConsistencyDistillation", "pseudo_huber", "squared_l2", "icm_weight", "karras_subgrid"]
 
@@ -98,7 +98,8 @@ class ConsistencyDistillation(DistillLoss):
         huber_c: pseudo-Huber ``c``; ``None`` is iCT's ``0.00054 sqrt(dim)``.
         weighting: ``"uniform"`` (lambda = 1) or ``"icm"`` (``1/(sigma_{n+1} - sigma_n)``).
         target: ``"sg"`` (stop-gradient copy of the current student, mu = 0: the paper's CIFAR-10 CD and iCT) or
-            ``"ema"`` (a separate EMA network with rate ``target_decay``, updated in :meth:`after_step`).
+            ``"ema"`` (a separate EMA network with rate ``target_decay``, updated in :meth:`after_step`; the project's
+            one EMA implementation, ``distill.core.ema``).
         target_decay: EMA rate mu of the ``"ema"`` target (0.95 for the paper's ImageNet/LSUN CD).
         x0_source: ``"data"``: ``x_{n+1} = x0 + sigma_{n+1} z`` from real data (the paper's, needs
             ``batch["x0"]``); ``"teacher"``: data-free, ``x_{n+1}`` is the teacher's ODE solution from
@@ -154,7 +155,6 @@ class ConsistencyDistillation(DistillLoss):
         self.solver, self.distance, self.huber_c, self.weighting = solver, distance, huber_c, weighting
         self.target, self.target_decay = target, float(target_decay)
         self.x0_source, self.teacher_steps, self.guidance = x0_source, int(teacher_steps), float(guidance)
-        self.needs_data = x0_source == "data"
         self.target_net: nn.Module | None = None
         # The grid is rebuilt by setup() from the config and the teacher, so it is not part of the state dict.
         self.register_buffer("sigmas", torch.empty(0, dtype=torch.float64), persistent=False)
@@ -163,25 +163,26 @@ class ConsistencyDistillation(DistillLoss):
     def tiny_config(cls) -> dict[str, Any]:
         return {"num_levels": 6, "solver": "heun", "target": "ema"}
 
+    def data_specs(self) -> dict[str, DataSpec]:
+        # x0_source: data trains on real data (the run's data set); teacher is data-free.
+        return {"data": DataSpec("real" if self.x0_source == "data" else "noise")}
+
     # -- setup and target network ----------------------------------------------------------------------------
-    def setup(self, student: nn.Module, teacher: nn.Module) -> None:
+    def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         lo = self.sigma_min_cfg if self.sigma_min_cfg is not None else teacher.sigma_min
         hi = self.sigma_max_cfg if self.sigma_max_cfg is not None else teacher.sigma_max
         if not 0 < lo < hi:
             raise ConfigError(f"cd: need 0 < sigma_min < sigma_max, got {lo}, {hi}")
         self.sigmas = karras_sigmas(self.num_levels, lo, hi, self.rho, append_zero=False).to(self.sigmas.device)
         if self.target == "ema":
-            # A frozen copy: never in an optimizer, never receives gradient; moved only by after_step().
-            self.target_net = copy.deepcopy(student).requires_grad_(False)
+            # theta^- starts as the initial student; never in an optimizer, never receives gradient; moved only by
+            # after_step(): theta^- <- mu theta^- + (1 - mu) theta.
+            self.target_net = make_ema(student, self.target_decay, copy_now=True)
 
     @torch.no_grad()
-    def after_step(self, phase: str, student: nn.Module, step: int) -> None:
-        if self.target_net is None:
-            return
-        for p_t, p_s in zip(self.target_net.parameters(), student.parameters()):
-            p_t.lerp_(p_s.detach(), 1.0 - self.target_decay)  # theta^- <- mu theta^- + (1 - mu) theta
-        for b_t, b_s in zip(self.target_net.buffers(), student.buffers()):
-            b_t.copy_(b_s)
+    def after_step(self, phase: str, student: nn.Module, ctx: StepContext) -> None:
+        if self.target_net is not None:
+            self.target_net.update_parameters(student)
 
     # -- pieces of one step ----------------------------------------------------------------------------------
     def levels(self, n: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,30 +258,22 @@ class ConsistencyDistillation(DistillLoss):
 
     # -- one phase -------------------------------------------------------------------------------------------
     def forward(
-        self, phase: str, student: nn.Module, teacher: nn.Module, batch: Batch, step: int
+        self, phase: str, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
     ) -> dict[str, Tensor]:
         if phase != "student":
             raise ValueError(f"cd has one phase, 'student'; got {phase!r}")
-        cond = batch.get("cond")
+        cond = batch.labels
+        if self.x0_source == "data" and batch.data is None:
+            raise ValueError("cd with x0_source: data needs real data in batch.data")
+        # Level index n ~ U{0, ..., N-2} (descending grid) and the noise z, per sample.
+        n = batch.randint(self.num_levels - 1)
+        z = batch.randn(*student.data_shape)
+        s_hi, s_lo = self.levels(n, z)
         if self.x0_source == "data":
-            if batch.get("x0") is None:
-                raise ValueError("cd with x0_source: data needs real data in batch['x0']")
-            x0 = batch["x0"]
-            b, like = x0.shape[0], x0
-        else:
-            b = int(batch.get("batch_size") or (cond.shape[0] if cond is not None else 0))
-            if b < 1:
-                raise ValueError("cd with x0_source: teacher needs batch['batch_size'] (or cond) to size the batch")
-            p = next(student.parameters())
-            like = torch.empty((b, *student.data_shape), device=p.device, dtype=p.dtype)
-        n = torch.randint(0, self.num_levels - 1, (b,), device=like.device)
-        z = torch.randn_like(like)
-        s_hi, s_lo = self.levels(n, like)
-        if self.x0_source == "data":
-            x_hi = x0 + append_dims(s_hi, x0.ndim) * z
+            x_hi = batch.data + append_dims(s_hi, z.ndim) * z
         else:
             x_hi = self.teacher_rollout(teacher, z, s_hi, cond)
-        target_net = self.target_net if self.target_net is not None else student
+        target_net = self.target_net.module if self.target_net is not None else student
         target_net.train(student.training)  # same mode (dropout) on both sides
         pred, target = self.pair(student.denoise, target_net.denoise, teacher, x_hi, n, cond)
         dist = self.distance_fn(pred, target)

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from distill.samplers import sample_heun  # noqa: E402
-from distill.schedules import karras_sigmas  # noqa: E402
+from distill.core.samplers import sample_heun  # noqa: E402
+from distill.core.schedules import karras_sigmas  # noqa: E402
 from losses import build_loss  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import ring  # noqa: E402

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from distill.data import load_digits_tensor
+from distill.core.data import load_digits_tensor
 from distill.features import DIGITS_CLASSIFIER_WEIGHTS, DigitsClassifier, DigitsFeatures, file_sha256
 from distill.metrics import DIGITS_REFERENCE_FILE, compute_digits_reference_stats
 

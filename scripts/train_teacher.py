@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from distill.data import DATASETS  # noqa: E402
-from distill.schedules import sample_lognormal_sigma  # noqa: E402
+from distill.core.data import DATASETS  # noqa: E402
+from distill.core.schedules import sample_lognormal_sigma  # noqa: E402
 from teachers.diffusers_teacher import DiffusersTeacher  # noqa: E402
 from teachers.nets import small_unet  # noqa: E402
 
@@ -78,10 +78,10 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, final_frac: float)
 def sample_grid(teacher: DiffusersTeacher, path: str | Path, n: int = 64, seed: int = 0, steps: int = 18) -> int:
     """Write an 8-column grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels,
     ``2 steps - 1`` NFE: 35 for 18). Returns the measured NFE."""
-    from distill.data import save_grid
-    from distill.nfe import count_nfe
-    from distill.samplers import sample_heun
-    from distill.schedules import karras_sigmas
+    from distill.core.data import save_grid
+    from distill.core.nfe import count_nfe
+    from distill.core.samplers import sample_heun
+    from distill.core.schedules import karras_sigmas
 
     noise = torch.randn((n, *teacher.data_shape), generator=torch.Generator().manual_seed(seed))
     sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, dtype=torch.float32)

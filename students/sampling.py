@@ -15,13 +15,81 @@ stochastic sampling (arXiv:2402.19159) is the same idea in VP coordinates. One n
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from distill.core.schedules import karras_sigmas
+
 from .base import FlowMapStudent
 
-__all__ = ["sample_student"]
+__all__ = ["sample_student", "SamplingPlan"]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How a student is sampled at k NFE: the one object evaluation, sample grids, final FID and export all use.
+
+    At ``nfe`` steps the levels are ``levels[nfe]`` when given (``nfe`` values, the first normally ``sigma_max``),
+    else ``sigma_max`` then ``nfe - 1`` Karras-spaced levels (rho 7) down to ``floor`` (2 steps: ``[sigma_max,
+    floor]``); a final 0 is appended. Steps are CTM gamma-sampling (:func:`sample_student`): ``gamma = 0`` a
+    deterministic chain of flow-map jumps, ``gamma = 1`` multistep consistency sampling.
+
+    A loss may provide its plan (:meth:`losses.base.DistillLoss.sampling`, e.g. DMD2's training levels for a
+    multi-step generator); the run config's ``sampling`` section overrides any field.
+    """
+
+    gamma: float = 1.0
+    floor: float = 0.4
+    levels: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.gamma) <= 1.0:
+            raise ValueError(f"sampling gamma must lie in [0, 1], got {self.gamma}")
+        if not float(self.floor) > 0:
+            raise ValueError(f"sampling floor must be > 0, got {self.floor}")
+        levels = {int(k): tuple(float(s) for s in v) for k, v in dict(self.levels).items()}
+        for k, v in levels.items():
+            if len(v) != k:
+                raise ValueError(f"sampling levels for {k} NFE must list {k} noise levels, got {list(v)}")
+        object.__setattr__(self, "levels", levels)
+
+    def sigmas(self, nfe: int, sigma_max: float) -> Tensor:
+        """``[nfe + 1]`` descending float64 levels ending in 0."""
+        if int(nfe) < 1:
+            raise ValueError(f"a student samples with nfe >= 1, got {nfe}")
+        if nfe in self.levels:
+            return torch.tensor([*self.levels[nfe], 0.0], dtype=torch.float64)
+        if nfe == 1:
+            return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+        return karras_sigmas(nfe, sigma_min=self.floor, sigma_max=sigma_max)
+
+    def sample(self, student: FlowMapStudent, noise: Tensor, nfe: int, cond: Tensor | None = None, *,
+               generator: torch.Generator | None = None) -> Tensor:
+        """``nfe``-step samples from standard-normal ``noise: [B, ...]`` (re-noising draws from ``generator``)."""
+        sig = self.sigmas(nfe, student.sigma_max).to(noise.device)
+        return sample_student(student, noise, sig, self.gamma, cond, generator=generator)
+
+    def override(self, gamma: float | None = None, floor: float | None = None,
+                 levels: Mapping[Any, Any] | None = None) -> SamplingPlan:
+        """A copy with every non-``None`` field replaced (explicit levels are merged per NFE)."""
+        merged = dict(self.levels)
+        merged.update({int(k): tuple(v) for k, v in dict(levels or {}).items()})
+        return replace(self, gamma=self.gamma if gamma is None else float(gamma),
+                       floor=self.floor if floor is None else float(floor), levels=merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (exports and checkpoints record it)."""
+        return {"gamma": self.gamma, "floor": self.floor,
+                "levels": {str(k): list(v) for k, v in sorted(self.levels.items())}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingPlan:
+        return cls(gamma=float(d.get("gamma", 1.0)), floor=float(d.get("floor", 0.4)),
+                   levels={int(k): tuple(v) for k, v in dict(d.get("levels", {})).items()})
 
 
 def sample_student(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 
 from .analytic import GaussianMixtureTeacher, empirical
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
@@ -51,6 +51,6 @@ def digits_teacher() -> DiffusersTeacher:
 
 def empirical_digits(std: float = 0.0) -> GaussianMixtureTeacher:
     """Exact denoiser of the 1,797 real digits in [-1, 1] (optionally each smoothed by an isotropic ``std``)."""
-    from distill.data import load_digits_tensor
+    from distill.core.data import load_digits_tensor
 
     return empirical(load_digits_tensor()[0], std=std)

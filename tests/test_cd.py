@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
 from losses.cd import icm_weight, karras_subgrid, pseudo_huber, squared_l2
 from students import FlowMapStudent, build_student, sample_student
 from teachers import GaussianMixtureTeacher, ring
+
+from _helpers import batch, ctx
 
 torch.set_num_threads(1)
 
@@ -43,7 +45,7 @@ class ExactConsistencyStudent(FlowMapStudent):
 def mean_sq_residual(solver: str, n_levels: int, batch: int = 100_000) -> float:
     teacher = gaussian_teacher()
     loss = build_loss("cd", num_levels=n_levels, solver=solver)
-    loss.setup(ExactConsistencyStudent(), teacher)
+    loss.setup(ExactConsistencyStudent(), teacher, ctx())
     g = torch.Generator().manual_seed(0)
     x0 = M + S * torch.randn(batch, 1, generator=g, dtype=torch.float64)
     z = torch.randn(batch, 1, generator=g, dtype=torch.float64)
@@ -71,10 +73,10 @@ def test_forward_uses_the_residual_path():
     """forward() at the exact consistency map returns the calibrated mean squared residual (data x0, l2, uniform)."""
     teacher, student = gaussian_teacher(), ExactConsistencyStudent()
     loss = build_loss("cd", num_levels=18)
-    loss.setup(student, teacher)
+    loss.setup(student, teacher, ctx())
     torch.manual_seed(0)
     x0 = M + S * torch.randn(100_000, 1, dtype=torch.float64)
-    terms = loss("student", student, teacher, {"x0": x0}, 0)
+    terms = loss("student", student, teacher, batch(x0), ctx())
     assert set(terms) >= {"loss", "distance", "sigma_mean"}
     assert 1.1e-5 / 1.25 < float(terms["loss"]) < 1.1e-5 * 1.25
     # sigma_mean is the mean of the student's (higher) level over a uniform index in {0..N-2}: the grid minus sigma_min
@@ -84,7 +86,7 @@ def test_forward_uses_the_residual_path():
 def test_grid_and_index_convention():
     teacher = gaussian_teacher()
     loss = build_loss("cd", num_levels=5, sigma_max=10.0)
-    loss.setup(ExactConsistencyStudent(), teacher)
+    loss.setup(ExactConsistencyStudent(), teacher, ctx())
     assert float(loss.sigmas[0]) == pytest.approx(10.0) and float(loss.sigmas[-1]) == pytest.approx(teacher.sigma_min)
     assert torch.all(loss.sigmas[:-1] > loss.sigmas[1:])
     hi, lo = loss.levels(torch.tensor([0, 3]), torch.zeros(2, dtype=torch.float64))
@@ -106,8 +108,8 @@ def test_distances_and_weights_closed_form():
     teacher = gaussian_teacher(dim=4)
     student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
     loss = build_loss("cd", num_levels=6, distance="pseudo_huber", weighting="icm")
-    loss.setup(student, teacher)
-    out = loss("student", student, teacher, {"x0": teacher.sample(16)}, 0)
+    loss.setup(student, teacher, ctx())
+    out = loss("student", student, teacher, batch(teacher.sample(16)), ctx())
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
 
 
@@ -115,12 +117,13 @@ def test_data_free_rollout_follows_the_exact_ode():
     """x0_source: teacher draws x_{n+1} by the teacher ODE from sigma_max z down to sigma_{n+1}: it converges at second
     order (Heun) to the closed-form Gaussian ODE solution M + (sigma_max z - M) sqrt(S^2 + s^2) / sqrt(S^2 + 80^2)."""
     teacher = gaussian_teacher(dim=2)
-    assert not build_loss("cd", x0_source="teacher").needs_data and build_loss("cd").needs_data
+    assert build_loss("cd", x0_source="teacher").data_specs()["data"].source == "noise"
+    assert build_loss("cd").data_specs()["data"].source == "real"
     z = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (40, 80):
         loss = build_loss("cd", num_levels=10, x0_source="teacher", teacher_steps=steps)
-        loss.setup(None, teacher)
+        loss.setup(None, teacher, ctx())
         end = loss.sigmas[torch.arange(256) % 10]  # every level, sigma_max (no step) included
         x = loss.teacher_rollout(teacher, z, end)
         exact = M + (80.0 * z - M) * ((S**2 + end**2) / (S**2 + 80.0**2)).sqrt()[:, None]
@@ -128,8 +131,8 @@ def test_data_free_rollout_follows_the_exact_ode():
     assert errors[1] < 5e-3 and 3.0 < errors[0] / errors[1] < 5.5, errors
     student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
     loss = build_loss("cd", num_levels=6, x0_source="teacher", teacher_steps=4)
-    loss.setup(student, teacher)
-    out = loss("student", student, teacher, {"batch_size": 8}, 0)
+    loss.setup(student, teacher, ctx())
+    out = loss("student", student, teacher, batch(size=8), ctx())
     assert torch.isfinite(out["loss"])
 
 
@@ -145,31 +148,31 @@ def test_config_errors():
     loss = build_loss("cd")
     with pytest.raises(RuntimeError, match="setup"):
         loss.levels(torch.zeros(1, dtype=torch.long), torch.zeros(1))
-    with pytest.raises(ValueError, match="batch\\['x0'\\]"):
-        loss.setup(None, ring())
-        loss("student", build_student("consistency", ring(), init="fresh"), ring(), {"batch_size": 4}, 0)
+    with pytest.raises(ValueError, match="batch.data"):
+        loss.setup(None, ring(), ctx())
+        loss("student", build_student("consistency", ring(), init="fresh"), ring(), batch(size=4), ctx())
 
 
 def test_ema_target_gets_no_gradient_and_moves_in_after_step():
     teacher = ring()
     student = build_student("consistency", teacher, init="fresh", hidden=16, depth=2)
     loss = build_loss("cd", num_levels=8, target="ema", target_decay=0.9)
-    loss.setup(student, teacher)
+    loss.setup(student, teacher, ctx())
     target = loss.target_net
     assert target is not None and target is not student
     assert not any(p.requires_grad for p in target.parameters())
-    ids = {id(p) for p in loss.phase_parameters("student", student)}
+    ids = {id(p) for p in loss.phase_groups("student", student)["student"]}
     assert ids == {id(p) for p in student.parameters()} and not ids & {id(p) for p in target.parameters()}
     before = [p.detach().clone() for p in target.parameters()]
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    out = loss("student", student, teacher, {"x0": teacher.sample(64)}, 0)
+    out = loss("student", student, teacher, batch(teacher.sample(64)), ctx())
     out["loss"].backward()
     assert all(p.grad is None for p in target.parameters())
     assert all(p.grad is not None for p in student.parameters())
     opt.step()
     for p, b in zip(target.parameters(), before):  # untouched by the optimizer step
         assert torch.equal(p, b)
-    loss.after_step("student", student, 0)
+    loss.after_step("student", student, ctx())
     for p, b, s in zip(target.parameters(), before, student.parameters()):
         torch.testing.assert_close(p, 0.9 * b + 0.1 * s.detach())
     assert any(not torch.equal(p, b) for p, b in zip(target.parameters(), before))
@@ -182,7 +185,7 @@ def test_tiny_consistency_student_learns_the_ring():
     teacher = ring()
     student = build_student("consistency", teacher, init="fresh", hidden=64, depth=3)
     loss = build_loss("cd", num_levels=12, target="ema", target_decay=0.9)
-    loss.setup(student, teacher)
+    loss.setup(student, teacher, ctx())
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)
     ref, noise = teacher.sample(2000, generator=g), torch.randn(2000, 2, generator=g)
@@ -195,11 +198,11 @@ def test_tiny_consistency_student_learns_the_ring():
 
     sw_init = sw1()
     for k in range(400):
-        out = loss("student", student, teacher, {"x0": teacher.sample(256)}, k)
+        out = loss("student", student, teacher, batch(teacher.sample(256), k=k), ctx(k))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        loss.after_step("student", student, k)
+        loss.after_step("student", student, ctx(k))
     sw_end = sw1()
     assert sw_end < 0.5 * sw_init, (sw_init, sw_end)
     x = ref[:128]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from distill import conversions as C
-from distill.schedules import (
+from distill.core import conversions as C
+from distill.core.schedules import (
     karras_sigmas,
     logsnr_sigmas,
     make_grid,

@@ -1,4 +1,4 @@
-"""Offline data sets and image helpers (distill/data.py)."""
+"""Offline data sets and image helpers (distill/core/data.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import DATASETS, build_dataset, load_digits_tensor, load_mnist_tensor, save_grid, to_uint8_images
-from distill.registry import ConfigError
+from distill.core.data import DATASETS, build_dataset, load_digits_tensor, load_mnist_tensor, save_grid, to_uint8_images
+from distill.core.registry import ConfigError
 
 
 def test_digits_shapes_range_and_levels():

@@ -10,11 +10,14 @@ import math
 import pytest
 import torch
 
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 from losses import LOSSES, DistillLoss
 from students import STUDENTS, build_student
 from teachers import DiffusersTeacher
 from teachers.nets import small_unet
+
+from _helpers import batch as make_batch
+from _helpers import ctx
 
 torch.set_num_threads(1)
 
@@ -50,8 +53,8 @@ def setup(request):
     assert loss.student_kind in STUDENTS, f"{name}.student_kind {loss.student_kind!r} is not a student kind"
     teacher = tiny_teacher()
     student = build_student(loss.student_kind, teacher, init="teacher")
-    loss.setup(student, teacher)
-    batch = {"x0": torch.rand(BATCH, 1, 8, 8) * 2 - 1, "cond": None, "batch_size": BATCH}
+    loss.setup(student, teacher, ctx())
+    batch = make_batch(torch.rand(BATCH, 1, 8, 8) * 2 - 1)
     return name, loss, student, teacher, batch
 
 
@@ -61,7 +64,7 @@ def test_every_phase_meets_the_contract(setup):
     for step, phase in enumerate(loss.phases):
         params = named_params(student=student, loss=loss, teacher=teacher)
         before = {k: p.detach().clone() for k, p in params.items()}
-        trained = loss.phase_parameters(phase, student)
+        trained = [p for ps in loss.phase_groups(phase, student).values() for p in ps]
         assert trained, f"{name}: phase {phase!r} trains no parameters"
         trained_ids = {id(p) for p in trained}
         assert trained_ids <= {id(p) for p in params.values()}, f"{name}: {phase} trains parameters nobody owns"
@@ -69,7 +72,7 @@ def test_every_phase_meets_the_contract(setup):
 
         for p in params.values():
             p.grad = None
-        terms = loss(phase, student, teacher, batch, step)
+        terms = loss(phase, student, teacher, batch, ctx(step))
         assert isinstance(terms, dict) and "loss" in terms, f"{name}/{phase} must return a dict with 'loss'"
         value = terms["loss"]
         assert value.ndim == 0 and torch.isfinite(value), f"{name}/{phase}: loss {value}"
@@ -86,7 +89,7 @@ def test_every_phase_meets_the_contract(setup):
         stray = sorted(k for k in changed if id(params[k]) not in trained_ids)
         assert not stray, f"{name}/{phase}: parameters outside phase_parameters changed: {stray[:5]}"
         assert changed, f"{name}/{phase}: the SGD step changed nothing"
-        loss.after_step(phase, student, step)
+        loss.after_step(phase, student, ctx(step))
 
     # The teacher stays frozen through all of it.
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from distill.data import load_digits_tensor
+from distill.core.data import load_digits_tensor
 from distill.features import (
     FEATURES,
     INCEPTION_ENV_VAR,
@@ -37,7 +37,7 @@ from distill.metrics import (
     ring_report,
     sliced_wasserstein,
 )
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 from teachers.analytic import grid, ring
 
 

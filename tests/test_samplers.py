@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from distill.diffusers_bridge import make_scheduler, sample_diffusers, scheduler_family, scheduler_sigmas
-from distill.nfe import count_nfe
-from distill.registry import ConfigError
-from distill.samplers import (
+from distill.core.nfe import count_nfe
+from distill.core.registry import ConfigError
+from distill.core.samplers import (
     SAMPLERS,
     deis_coefficients,
     euler_step,
@@ -31,7 +31,7 @@ from distill.samplers import (
     sample_unipc,
     steps_for_nfe,
 )
-from distill.schedules import karras_sigmas
+from distill.core.schedules import karras_sigmas
 from teachers import empirical, ring
 from teachers.analytic import GaussianMixtureTeacher
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from distill.nfe import count_nfe
-from distill.registry import ConfigError
+from distill.core.nfe import count_nfe
+from distill.core.registry import ConfigError
 from students import (
     STUDENTS,
     ConsistencyStudent,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.nfe import count_nfe
-from distill.registry import ConfigError
+from distill.core.nfe import count_nfe
+from distill.core.registry import ConfigError
 from teachers import TEACHERS, build_teacher
 from teachers.analytic import GaussianMixtureTeacher, ring
 from teachers.diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
@@ -87,7 +87,7 @@ def test_gmm_samples_have_the_right_mass_and_std():
 
 
 def test_empirical_digits_teacher_is_exact_at_the_extremes():
-    from distill.data import load_digits_tensor
+    from distill.core.data import load_digits_tensor
 
     data = load_digits_tensor()[0].to(F64)
     t = build_teacher({"name": "empirical_digits"})
@@ -354,7 +354,7 @@ def test_train_script_runs_and_saves_a_loadable_edm_teacher(tmp_path):
 
 
 def test_shipped_digits_teacher_loads_and_denoises():
-    from distill.data import load_digits_tensor
+    from distill.core.data import load_digits_tensor
 
     t = TEACHERS.build("digits")
     assert isinstance(t, DiffusersTeacher) and t.family == "edm" and t.edm_timestep_scale == 250.0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distill.config import load_config
-from distill.registry import ConfigError
+from distill.core.registry import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,19 +136,21 @@ def test_export_round_trip_reproduces_training_samples(tmp_path):
 
     cfg = ring_cfg(tmp_path, 15, "e")
     run_training(cfg, final_eval=False)
+    from distill.export import export_plan
+
     module = build_module(cfg)
+    module.prepare()
     ckpt = torch.load(tmp_path / "e" / "checkpoints" / "last.ckpt", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     out = export_checkpoint(tmp_path / "e", tmp_path / "export")
     student, sampling = load_exported(out)
+    plan = export_plan(sampling)
     for nfe in (1, 2):
-        sig = torch.tensor(sampling["sigmas"][str(nfe)], dtype=torch.float64)
-        want = module.ema_samples(64, nfe=nfe, seed=3, gamma=sampling["gamma"], sigmas=sig)
-        from students import sample_student
-
-        g = torch.Generator().manual_seed(3)
-        noise = torch.randn((64, *student.data_shape), generator=g)
-        got = sample_student(student, noise, sig, gamma=sampling["gamma"], generator=g)
+        # the export carries the run's one sampling plan: same levels, same gamma, same samples
+        torch.testing.assert_close(plan.sigmas(nfe, student.sigma_max), module.sampling.sigmas(nfe, 80.0))
+        noise = torch.randn((64, *student.data_shape), generator=torch.Generator().manual_seed(3))
+        want = module.sampling.sample(module.ema.module.eval(), noise, nfe, generator=torch.Generator().manual_seed(4))
+        got = plan.sample(student, noise, nfe, generator=torch.Generator().manual_seed(4))
         assert torch.equal(got, want)
     assert (out / "README.md").read_text().startswith("# Distilled student")
     with pytest.raises(FileExistsError):
@@ -192,22 +194,27 @@ def test_every_loss_batch_has_the_configured_size(tmp_path, config, data):
                       if config == "ring_dmd2" else [f"out_dir={tmp_path}", "data.batch_size=37"])
     assert cfg.data.name == (None if data == "null" else data)
     module = build_module(cfg)
-    batch = module.data.batch(0)
-    assert batch["batch_size"] == 37
-    assert ("x0" in batch) == (data == "teacher")
+    module.prepare()
+    batch = module.make_batch(0)
+    assert batch.size == 37
+    assert (batch.data is not None) == (data == "teacher")
     if data == "teacher":
-        assert batch["x0"].shape == (37, 2)
+        assert batch.data.shape == (37, 2)
 
 
 def test_lr_schedule_warmup_and_decay():
-    from distill.module import lr_factor
+    from distill.iteration import LRSchedule
 
-    assert [lr_factor(i, 10, warmup=4) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    cos = [lr_factor(i, 11, decay="cosine", final_ratio=0.1) for i in range(11)]
+    assert [LRSchedule(10, warmup=4)(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [LRSchedule(11, decay="cosine", final_ratio=0.1)(i) for i in range(11)]
     assert cos[0] == 1.0 and abs(cos[-1] - 0.1) < 1e-12 and abs(cos[5] - 0.55) < 1e-12
     assert all(a > b for a, b in zip(cos, cos[1:]))
-    lin = [lr_factor(i, 6, warmup=1, decay="linear") for i in range(6)]
+    lin = [LRSchedule(6, warmup=1, decay="linear")(i) for i in range(6)]
     assert lin == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    # a round boundary restarts the warm-up from its first step (progressive distillation)
+    sched = LRSchedule(10, warmup=2)
+    sched.start = 6
+    assert [sched(i) for i in range(6, 9)] == [0.5, 1.0, 1.0]
 
 
 def test_lr_decay_counts_each_phase_own_steps(tmp_path):
@@ -247,6 +254,7 @@ def test_final_eval_reuses_the_callbacks_last_rows_exactly(tmp_path):
     from distill.train import build_module
 
     module = build_module(cfg)
+    module.prepare()
     ckpt = torch.load(tmp_path / "fe" / "checkpoints" / "last.ckpt", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     from distill.evaluate import build_scorer as scorer_for

@@ -10,7 +10,7 @@ with a denoiser ``D(x, sigma[B], cond) -> x0_hat``. They share one signature (de
     sample_<name>(denoiser, noise, sigmas, cond=None, *, generator=None, **options) -> x0
 
 ``noise`` is standard normal ``[B, ...]``; the solver starts from ``x = sigmas[0] * noise`` and walks the descending
-grid ``sigmas`` (``[N + 1]``, normally ending in 0, as built by :mod:`distill.schedules`). Classifier-free guidance
+grid ``sigmas`` (``[N + 1]``, normally ending in 0, as built by :mod:`distill.core.schedules`). Classifier-free guidance
 is the caller's business (``functools.partial(teacher, guidance=w)``). The single-step functions
 :func:`euler_step` and :func:`heun_step` take per-sample noise levels and are the ones losses call (a consistency
 distillation teacher step uses a random grid index per row).
@@ -26,9 +26,9 @@ import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor
 
-from distill.conversions import append_dims, as_sigma
-from distill.registry import ConfigError, Registry, check_kwargs
-from distill.schedules import GRIDS, make_grid
+from distill.core.conversions import append_dims, as_sigma
+from distill.core.registry import ConfigError, Registry, check_kwargs
+from distill.core.schedules import GRIDS, make_grid
 
 __all__ = [
     "DenoiserFn",

@@ -21,6 +21,8 @@ __all__ = [
     "sample_lognormal_sigma",
     "sample_discrete_index_sigma",
     "karras_index_to_sigma",
+    "lognormal_sigma_from_normal",
+    "discrete_index_sigma_from_uniform",
 ]
 
 
@@ -133,3 +135,30 @@ def sample_discrete_index_sigma(
     i_hi = int(math.ceil(hi * (n - 1)))
     idx = torch.randint(i_lo, i_hi + 1, (batch,), generator=generator, device=grid.device)
     return idx, grid[idx]
+
+
+# Pure variants of the two densities: they map draws made elsewhere (e.g. through ``losses.base.Batch``, whose draws
+# do not depend on the process count) to noise levels, and use no RNG of their own.
+
+
+def lognormal_sigma_from_normal(z: Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
+    """EDM's log-normal density (arXiv:2206.00364 Table 1) from standard-normal draws: ``exp(p_mean + p_std z)``.
+
+    Args: ``z: [B]`` standard normal. Returns ``[B]`` (same dtype/device as ``z``).
+    """
+    return (p_mean + p_std * z).exp()
+
+
+def discrete_index_sigma_from_uniform(u: Tensor, grid: Tensor, lo: float = 0.0, hi: float = 1.0
+                                      ) -> tuple[Tensor, Tensor]:
+    """:func:`sample_discrete_index_sigma` from uniform draws: index ``i_lo + floor(u (i_hi - i_lo + 1))``, uniform
+    over the integers of ``[floor(lo (n - 1)), ceil(hi (n - 1))]`` of the descending, zero-free ``grid: [n]``.
+
+    Args: ``u: [B]`` uniform in ``[0, 1)``. Returns ``(index [B] long, sigma [B])`` on ``u``'s device; ``sigma`` has
+    the grid's dtype.
+    """
+    n = grid.numel()
+    i_lo = int(math.floor(lo * (n - 1)))
+    i_hi = int(math.ceil(hi * (n - 1)))
+    idx = (i_lo + (u.double() * (i_hi - i_lo + 1)).floor().long()).clamp(i_lo, i_hi)
+    return idx, grid.to(u.device)[idx]

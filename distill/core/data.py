@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from distill.registry import Registry
+from distill.core.registry import Registry
 
 __all__ = [
     "load_digits_tensor",
