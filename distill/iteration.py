@@ -16,7 +16,7 @@ still advance (an EMA update toward unchanged weights is a tiny pull that keeps 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +130,14 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
 
 
 def apply_round_start(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Module, ctx: StepContext,
-                      optims: Mapping[str, PhaseOptim], ema: Any) -> bool:
+                      optims: Mapping[str, PhaseOptim], emas: Sequence[Any] = ()) -> bool:
     """At the first iteration of a new round: reset what ``loss.round_resets`` names, then the loss's hook."""
     if k == 0 or loss.round_of(k) == loss.round_of(k - 1):
         return False
     resets = set(loss.round_resets)
-    if "ema" in resets and ema is not None:
-        reset_ema(ema)
+    if "ema" in resets:
+        for ema in emas:
+            reset_ema(ema)
     for po in optims.values():
         if "optimizer" in resets:
             po.optimizer.state.clear()
@@ -148,7 +149,7 @@ def apply_round_start(k: int, loss: DistillLoss, student: nn.Module, teacher: nn
 
 
 def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Module, batch: Batch,
-                  ctx: StepContext, optims: Mapping[str, PhaseOptim], ema: Any = None,
+                  ctx: StepContext, optims: Mapping[str, PhaseOptim], emas: Sequence[Any] = (),
                   backward: Callable[[Tensor], None] | None = None, skipped: Tensor | None = None
                   ) -> dict[str, Tensor | float]:
     """Run iteration ``k``'s phases. Returns logged values (device tensors; floats for learning rates).
@@ -159,12 +160,12 @@ def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Mod
         batch: this process's :class:`Batch`.
         ctx: the :class:`StepContext` of ``k``.
         optims: phase -> :class:`PhaseOptim`.
-        ema: the student's ``AveragedModel`` (or ``None``).
+        emas: the student's ``AveragedModel`` s (the run's evaluation EMA, plus any a sweep tracks).
         backward: how to back-propagate (Lightning's ``manual_backward``; default ``Tensor.backward``).
         skipped: a long device counter incremented (on the device) for each skipped phase.
     """
     backward = backward or Tensor.backward
-    apply_round_start(k, loss, student, teacher, ctx, optims, ema)
+    apply_round_start(k, loss, student, teacher, ctx, optims, emas)
     logs: dict[str, Tensor | float] = {}
     for phase in loss.phases_for_step(k):
         po = optims[phase]
@@ -185,8 +186,9 @@ def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Mod
             po.optimizer.step()
         po.scheduler.step()
         loss.after_step(phase, student, ctx)
-        if ema is not None and phase in loss.ema_phases:
-            ema.update_parameters(student)
+        if phase in loss.ema_phases:
+            for ema in emas:
+                ema.update_parameters(student)
         if skipped is not None:
             skipped += found_inf.to(skipped.dtype)
         for name, v in terms.items():

@@ -123,7 +123,11 @@ class DistillModule(L.LightningModule):
             self.teacher.to(device)
             self.student.to(device)
             self.ema.to(device)
-        self.loss.setup(self.student, self.teacher, self.context(0))
+        # Networks the loss builds are initialised from a seed of their own, so the setup is the same whatever ran
+        # before it (Lightning's DDP launcher re-seeds the global RNG; a resumed run must rebuild the same modules).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(self.seed, "loss-setup"))
+            self.loss.setup(self.student, self.teacher, self.context(0))
         self.loss.to(next(self.student.parameters()).device)
         for prov in self.providers.values():
             prov.prepare(next(self.student.parameters()).device, self.global_rank)
@@ -143,29 +147,43 @@ class DistillModule(L.LightningModule):
         return torch.utils.data.DataLoader(IterationStream(), batch_size=None)
 
     def make_batch(self, k: int) -> Batch:
-        """This process's :class:`Batch` of iteration ``k``: the rank's rows of the global batch of every spec."""
+        """This process's :class:`Batch` of iteration ``k``: the rank's rows of the global batch of every spec (batch
+        sizes are global: ``data.batch_size`` or the spec's own, split evenly over the processes)."""
         p = next(self.student.parameters())
         rank, world = self.global_rank, (self.trainer.world_size if self._trainer is not None else 1)
-        size = int(self.specs["data"].batch_size or self.data_cfg["batch_size"])
         fields: dict[str, Tensor] = {}
+        size = 0
         for name, prov in self.providers.items():
-            n = int(self.specs[name].batch_size or size) if name != "data" else size
-            for key, t in prov.draw(k, n * world).items():
+            total = int(self.specs[name].batch_size or self.data_cfg["batch_size"])
+            if total % world:
+                raise ConfigError(f"batch size {total} of data spec {name!r} does not split over {world} processes")
+            n = total // world
+            size = n if name == "data" else size
+            for key, t in prov.draw(k, total).items():
                 t = t[rank * n:(rank + 1) * n].to(p.device)
                 fields[key if name == "data" else f"{name}.{key}"] = t.to(p.dtype) if t.is_floating_point() else t
         data, labels = fields.pop("data", None), fields.pop("labels", None)
         return Batch(size, data, labels, fields, seed=self.seed, iteration=k, rank=rank, world_size=world,
                      device=p.device, dtype=p.dtype)
 
+    def iterate(self, extra_emas: tuple[Any, ...] = ()) -> dict[str, Tensor | float]:
+        """Run training iteration ``self.iteration`` (:func:`distill.iteration.run_iteration`) and advance the
+        counter. Outside a Lightning trainer (scripts, benchmarks) call :meth:`prepare` and
+        :meth:`configure_optimizers` first; ``extra_emas`` are further ``AveragedModel`` s of the student to move."""
+        k = int(self.iteration)
+        torch.manual_seed(stream_seed(self.seed, self.global_rank, k, "iteration"))
+        backward = self.manual_backward if self._trainer is not None else None
+        logs = run_iteration(k, self.loss, self.student, self.teacher, self.make_batch(k), self.context(k),
+                             self._optims, (self.ema, *extra_emas), backward=backward, skipped=self.skipped_steps)
+        self.iteration += 1
+        return logs
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         k = int(self.iteration)
         if k >= self.max_steps:
             self.trainer.should_stop = True
             return
-        torch.manual_seed(stream_seed(self.seed, self.global_rank, k, "iteration"))
-        logs = run_iteration(k, self.loss, self.student, self.teacher, self.make_batch(k), self.context(k),
-                             self._optims, self.ema, backward=self.manual_backward, skipped=self.skipped_steps)
-        self.iteration += 1
+        logs = self.iterate()
         if k % self.log_every == 0 or k + 1 == self.max_steps:
             self._log(k, logs)
         if k + 1 >= self.max_steps:

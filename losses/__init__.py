@@ -1,13 +1,13 @@
 """Distillation losses, one file each, registered by name: ``build_loss("cd", N=18)``.
 
-An unknown name or an unknown constructor key fails with the list of valid ones (distill.registry).
+An unknown name or an unknown constructor key fails with the list of valid ones (distill.core.registry).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distill.registry import Registry
+from distill.core.registry import Registry
 
 from .base import Batch, DistillLoss
 
@@ -23,12 +23,13 @@ def build_loss(name: str, **kwargs: Any) -> DistillLoss:
 
 
 def _import_all() -> None:
-    # Each module registers itself on import; import errors in a loss file are real errors.
+    # Each top-level module registers its loss on import; import errors in a loss file are real errors. Subpackages
+    # (``parts/``: pieces shared by several losses) register nothing and are imported by the losses that use them.
     import importlib
     import pkgutil
 
     for m in pkgutil.iter_modules(__path__):
-        if m.name not in {"base"}:
+        if m.name != "base" and not m.ispkg:
             importlib.import_module(f"{__name__}.{m.name}")
 
 

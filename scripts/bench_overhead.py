@@ -1,9 +1,10 @@
 """Toolkit overhead: one training iteration through ``distill train``'s Lightning module vs the same computation in a
 bare PyTorch loop, on the same tensors (shared/benchmarks.md: within 5%).
 
-Both sides use the same teacher (the digits teacher's architecture, 1.1 M parameters, 8x8, batch 128), the same
-loss object, the same optimizer, gradient clipping and EMA update; the Lightning side adds what a run adds (manual
-optimisation, the NaN guard, per-network gradient norms, logging every ``log_every`` iterations, the progress bar).
+Both sides run the same iteration function (``distill.iteration.run_iteration``: phases, NaN guard, per-group
+gradient norms, clipping, optimizer, EMA) on the same teacher (the digits teacher's architecture, 1.1 M parameters,
+8x8, batch 128); the Lightning side adds what a run adds (the trainer loop, manual optimisation's backward hook,
+logging every ``log_every`` iterations, the progress bar).
 Timing is wall-clock between iteration ``warmup`` and the last one, repeated ``--repeats`` times alternating the two
 sides; the median ratio is reported. Usage::
 
@@ -71,34 +72,19 @@ def lightning_run(cfg, warmup: int) -> float:
 
 
 def bare_run(cfg, warmup: int) -> float:
-    """The same iterations without Lightning: loss phases in their ratio, backward, clip, step, EMA."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from distill.module import build_optimizer
-    from distill.train import build_components, build_data
+    """The same iterations without Lightning: the module's own iteration function (``distill.iteration``) called in
+    a plain loop, so both sides run identical per-iteration code and the difference is Lightning's."""
+    from distill.train import build_module
 
     torch.manual_seed(cfg.seed)
-    teacher, student, loss = build_components(cfg)
-    data = build_data(cfg, teacher)
-    loss.setup(student, teacher)
-    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    opts = {p: build_optimizer(loss.phase_parameters(p, student), cfg.optim[p]) for p in loss.phases}
+    module = build_module(cfg)
+    module.prepare()
+    module.configure_optimizers()
     t0 = 0.0
     for k in range(cfg.trainer.max_steps):
         if k == warmup:
             t0 = time.perf_counter()
-        batch = data.batch(k) if data is not None else {"batch_size": 1}
-        for phase in loss.phases_for_step(k):
-            opts[phase].zero_grad(set_to_none=True)
-            terms = loss(phase, student, teacher, batch, k)
-            terms["loss"].backward()
-            params = loss.phase_parameters(phase, student)
-            if cfg.optim[phase].grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim[phase].grad_clip)
-            opts[phase].step()
-            loss.after_step(phase, student, k)
-            if phase == "student":
-                ema.update_parameters(student)
+        module.iterate()
     return (time.perf_counter() - t0) / (cfg.trainer.max_steps - warmup)
 
 

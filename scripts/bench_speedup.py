@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill.evaluate import build_scorer, generate_student, generate_teacher  # noqa: E402
-from distill.export import load_exported  # noqa: E402
+from distill.export import export_plan, load_exported  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 
@@ -59,11 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     teacher = build_teacher({"name": args.teacher})
     scorer = build_scorer(teacher, "auto")
     student, sampling = load_exported(args.student)
-    gamma = float(sampling["gamma"])
+    plan = export_plan(sampling)
 
     def student_fn(nfe: int, n: int):
-        sig = torch.tensor(sampling["sigmas"][str(nfe)], dtype=torch.float64)
-        return lambda s: generate_student(student, nfe, n, s, gamma, sig, batch_size=n)[0]
+        return lambda s: generate_student(student, nfe, n, s, plan, batch_size=n)[0]
 
     def teacher_fn(solver: str, nfe: int, n: int):
         parts = solver.split(":")

@@ -3,9 +3,8 @@ at fixed NFE every ``--every`` iterations.
 
 One training run answers "which EMA decay suits this run length" for free, and runs of different recipes
 (``key=value`` overrides) can be compared at equal iterations. The loop is the same computation as ``distill train``
-(the config's loss, its phases and update ratio, per-phase optimizers with warm-up/decay and gradient clipping) without
-Lightning, checkpoints or logging; the per-iteration seeding differs, so numbers match ``distill train`` in
-distribution, not bit for bit. Scores use 2,000 samples and sampling seed 0 (the benchmark's proxy protocol).
+(``DistillModule.iterate``, i.e. ``distill.iteration.run_iteration``) without the Lightning trainer, checkpoints or
+logging, so the raw weights match ``distill train``'s bit for bit. Scores use 2,000 samples and sampling seed 0 (the benchmark's proxy protocol).
 
     python scripts/sweep_emas.py configs/digits_cd.yaml loss.num_levels=12 --steps 2400 --every 600 \\
         --emas 0.998 0.999 --floors 0.8 --json docs/bench/sweeps/cd_n12.json
@@ -20,15 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill.config import load_config  # noqa: E402
-from distill.evaluate import build_scorer, generate_student, student_sigmas  # noqa: E402
+from distill.core.ema import make_ema  # noqa: E402
+from distill.evaluate import build_scorer, generate_student  # noqa: E402
 from distill.train import build_module  # noqa: E402
+from students import SamplingPlan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -48,36 +48,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, list(args.overrides) + [f"seed={args.seed}", f"trainer.max_steps={args.steps}"])
     torch.manual_seed(cfg.seed)
-    # The same networks, data source and per-phase optimizers/lr schedules as `distill train` builds.
+    # The run `distill train` builds, iterated by the same iteration function, without the Lightning trainer.
     module = build_module(cfg)
-    teacher, student, loss, data = module.teacher, module.student, module.loss, module.data
-    opt_list, sched_list = module.configure_optimizers()
-    opts, scheds = dict(zip(loss.phases, opt_list)), dict(zip(loss.phases, sched_list))
-    emas = {d: AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.emas}
-    scorer = build_scorer(teacher, cfg.eval.features)
+    module.prepare()
+    module.configure_optimizers()
+    emas = {d: make_ema(module.student, d) for d in args.emas}
+    scorer = build_scorer(module.teacher, cfg.eval.features)
     rows: list[dict] = []
     t0 = time.time()
     for k in range(args.steps):
-        torch.manual_seed(1000 * (cfg.seed + 1) + k)
-        batch = data.batch(k)
-        for phase in loss.phases_for_step(k):
-            opts[phase].zero_grad(set_to_none=True)
-            loss(phase, student, teacher, batch, k)["loss"].backward()
-            clip = cfg.optim[phase].grad_clip
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(loss.phase_parameters(phase, student), float(clip))
-            opts[phase].step()
-            scheds[phase].step()
-            loss.after_step(phase, student, k)
-            if phase == "student":
-                for e in emas.values():
-                    e.update_parameters(student)
+        module.iterate(tuple(emas.values()))
         if (k + 1) % args.every == 0:
             row: dict = {"iteration": k + 1, "wall_s": round(time.time() - t0, 1)}
             for d, e in emas.items():
                 for nfe, floor in [(1, None)] + [(2, f) for f in args.floors]:
-                    sig = student_sigmas(nfe, e.module.sigma_max, floor if floor is not None else 0.4)
-                    x, _, _ = generate_student(e.module, nfe, args.n, 0, args.gamma, sig)
+                    plan = SamplingPlan(gamma=args.gamma, floor=floor if floor is not None else 0.4)
+                    x, _, _ = generate_student(e.module, nfe, args.n, 0, plan)
                     tag = f"ema{d}_nfe{nfe}" + (f"_via{floor}" if floor is not None else "")
                     row[tag] = round(scorer(x)["score"], 4)
             rows.append(row)

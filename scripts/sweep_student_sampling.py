@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill.evaluate import build_scorer, generate_student, student_sigmas  # noqa: E402
+from distill.evaluate import build_scorer, generate_student  # noqa: E402
 from distill.export import load_exported  # noqa: E402
+from students import SamplingPlan  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for floor in args.floors:
         for gamma in args.gammas:
-            sig = student_sigmas(args.nfe, student.sigma_max, floor)
-            scores = [scorer(generate_student(student, args.nfe, args.n, s, gamma, sig)[0])["score"]
+            plan = SamplingPlan(gamma=gamma, floor=floor)
+            scores = [scorer(generate_student(student, args.nfe, args.n, s, plan)[0])["score"]
                       for s in args.seeds]
             row = {"nfe": args.nfe, "floor": floor, "gamma": gamma, "seeds": args.seeds,
                    "mean": round(statistics.mean(scores), 4), "scores": [round(x, 4) for x in scores]}

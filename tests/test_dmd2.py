@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from distill.core.precond import edm_scalings
 from distill.core.registry import ConfigError
 from distill.core.schedules import (
     discrete_index_sigma_from_uniform,
@@ -36,7 +37,6 @@ from losses.parts import (
     gradient_injection_loss,
 )
 from students import FlowMapStudent, SamplingPlan, build_student, sinusoidal_embedding
-from students.students import edm_scalings
 from teachers import DiffusersTeacher, GaussianMixtureTeacher, ring
 from teachers.nets import small_unet
 
@@ -343,7 +343,8 @@ def test_two_processes_at_half_batch_compute_what_one_does(student_sigmas):
 def test_sigma_densities_from_batch_draws():
     grid = karras_sigmas(1000, 0.002, 80.0, append_zero=False)
     idx, s = discrete_index_sigma_from_uniform(torch.tensor([0.0, 1 - 1e-12, 0.5]), grid, 0.02, 0.98)
-    assert idx.tolist() == [math.floor(0.02 * 999), math.ceil(0.98 * 999), 19 + 481]  # 962 indices, half way and torch.equal(s, grid[idx])
+    assert idx.tolist() == [math.floor(0.02 * 999), math.ceil(0.98 * 999), 19 + 481]  # 962 indices: half way
+    assert torch.equal(s, grid[idx])
     torch.testing.assert_close(lognormal_sigma_from_normal(torch.tensor([0.0, 1.0]), -1.2, 1.2),
                                torch.tensor([math.exp(-1.2), 1.0]))
     b = batch(20000)

@@ -1,0 +1,48 @@
+"""Reusable pieces of score-distillation losses (DMD2, SiD, SIM, f-distill), composed by the loss files, not
+inherited. Not losses themselves: ``losses._import_all`` skips this package.
+
+* :mod:`.functional` - pure math: the DMD gradient and its injection surrogate, EDM's loss weight, x0 DSM;
+* :mod:`.fake_score` - the fake score network (teacher copy / fresh MLP / residual) and its DSM critic loss;
+* :mod:`.gan` - the GAN head on a feature tap of the fake score, non-saturating losses, ``no_param_grad``;
+* :mod:`.rollout` - one-step generation and multi-step backward simulation, drawn through the batch;
+* :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch.
+"""
+
+from .fake_score import FAKE_INITS, ResidualFakeScore, build_fake_score, check_fake_config, fake_dsm_loss
+from .functional import dmd_gradient, dsm_loss, edm_loss_weight, gradient_injection_loss, mean_dims
+from .gan import (
+    FeatureTap,
+    GANHead,
+    build_gan_head,
+    feature_module,
+    gan_critic_loss,
+    gan_generator_loss,
+    no_param_grad,
+)
+from .rollout import check_levels, generator_rollout
+from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config
+
+__all__ = [
+    "FAKE_INITS",
+    "ResidualFakeScore",
+    "build_fake_score",
+    "check_fake_config",
+    "fake_dsm_loss",
+    "dmd_gradient",
+    "dsm_loss",
+    "edm_loss_weight",
+    "gradient_injection_loss",
+    "mean_dims",
+    "FeatureTap",
+    "GANHead",
+    "build_gan_head",
+    "feature_module",
+    "gan_critic_loss",
+    "gan_generator_loss",
+    "no_param_grad",
+    "check_levels",
+    "generator_rollout",
+    "SIGMA_DENSITIES",
+    "SigmaSampler",
+    "check_sigma_config",
+]

@@ -1,0 +1,117 @@
+"""The fake score: a denoiser of the *generator's* current distribution, trained by denoising score matching on
+detached generator samples (DMD arXiv:2311.18828 §3.2 eq. 6; DMD2 arXiv:2405.14867 §3, §4.1).
+
+Distribution-matching losses (DMD/DMD2, SiD, SIM, f-distill) compare it with the teacher (the real score). Three
+constructions (:data:`FAKE_INITS`):
+
+* ``"teacher"``: a trainable copy of the teacher's network (DMD2's choice: same parameterisation, and the two
+  networks' errors cancel in ``mu_fake - mu_real`` while the generator is close to the teacher);
+* ``"fresh"``: an EDM-preconditioned MLP (a fresh generator-kind student, whose ``denoise(x, sigma)`` is
+  ``c_skip x + c_out F(c_in x, c_noise)``), for low-dimensional teachers without a network;
+* ``"residual"``: the teacher plus a zero-initialised MLP correction, :class:`ResidualFakeScore`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.conversions import append_dims
+from distill.core.precond import edm_scalings
+from distill.core.registry import ConfigError
+from students import build_student
+
+from .functional import dsm_loss
+
+__all__ = ["FAKE_INITS", "ResidualFakeScore", "build_fake_score", "check_fake_config", "fake_dsm_loss"]
+
+FAKE_INITS = ("teacher", "fresh", "residual")
+
+
+class ResidualFakeScore(nn.Module):
+    """Fake score for teachers without a network: the teacher plus a zero-initialised, trainable MLP correction,
+    ``D_fake(x, sigma) = D_teacher(x, sigma) + c_out(sigma) F(c_in x, c_noise)``.
+
+    A fresh network for an exact (analytic) teacher has no error cancellation with it: its approximation error enters
+    the DMD gradient in full, and on the ring it is as large as the structure being matched (it undoes a good
+    generator). Learning only the *difference* from the teacher restores the cancellation: at initialisation
+    ``mu_fake = mu_real`` exactly, and the correction's error scales with the generator's actual mismatch.
+
+    Args:
+        teacher: the frozen teacher (held by reference: not a submodule, so not in the loss's state).
+        correction: an EDM-preconditioned MLP denoiser (a fresh generator-kind student); its output layer is zeroed.
+        guidance: the teacher's guidance weight (the fake then starts at the guided ``mu_real``).
+    """
+
+    def __init__(self, teacher: nn.Module, correction: nn.Module, guidance: float = 1.0) -> None:
+        super().__init__()
+        self.__dict__["teacher"] = teacher
+        self.correction = correction
+        self.guidance = guidance
+        out = correction.net.mlp[-1]
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``x: [B, ...]``, ``sigma: [B]``, ``cond: [B] | None`` -> ``[B, ...]``."""
+        c_skip = edm_scalings(sigma, self.correction.sigma_data)[0]
+        # correction.denoise = c_skip x + c_out F; keep only the c_out F part (computed first, so a GAN feature hook
+        # inside the MLP stops the pass before the teacher is evaluated)
+        delta = self.correction.denoise(x, sigma, cond) - append_dims(c_skip, x.ndim) * x
+        with torch.no_grad():  # the teacher is a constant of the fake's parameters
+            base = self.teacher(x, sigma, cond, self.guidance).to(x.dtype)
+        return base + delta
+
+
+def check_fake_config(owner: str, init: str, hidden: int, depth: int) -> None:
+    """One-line :class:`ConfigError` for an unknown ``fake_init`` or a bad MLP size."""
+    if init not in FAKE_INITS:
+        raise ConfigError(f"{owner}: unknown fake_init {init!r}; valid: {', '.join(FAKE_INITS)}")
+    if hidden < 1 or depth < 1:
+        raise ConfigError(f"{owner}: fake_hidden and fake_depth must be >= 1, got {hidden}, {depth}")
+
+
+def build_fake_score(init: str, teacher: nn.Module, device: torch.device, dtype: torch.dtype, *, hidden: int = 256,
+                     depth: int = 4, guidance: float = 1.0, owner: str = "fake score") -> nn.Module:
+    """A trainable fake score with ``denoise(x [B, ...], sigma [B], cond) -> [B, ...]``, in ``train()`` mode.
+
+    Args:
+        init: one of :data:`FAKE_INITS`.
+        teacher: the frozen teacher (copied for ``"teacher"``, referenced by ``"residual"``).
+        device, dtype: the run's (a teacher copy keeps the teacher's dtype).
+        hidden, depth: the MLP's width and number of hidden layers (``"fresh"``, ``"residual"``).
+        guidance: the teacher's guidance weight (``"residual"``).
+        owner: the loss's name, for error messages.
+    """
+    if init == "teacher":
+        if not any(True for _ in teacher.parameters()):
+            raise ConfigError(f"{owner}: fake_init='teacher' copies the teacher's network, but this "
+                              f"{type(teacher).__name__} has none (an analytic teacher); use fake_init='fresh'")
+        fake = copy.deepcopy(teacher).to(device=device)
+        fake.requires_grad_(True)
+        return fake.train()
+    if init not in ("fresh", "residual"):
+        raise ConfigError(f"{owner}: unknown fake_init {init!r}; valid: {', '.join(FAKE_INITS)}")
+    mlp = build_student("generator", teacher, init="fresh", hidden=hidden, depth=depth)
+    fake = ResidualFakeScore(teacher, mlp, guidance) if init == "residual" else mlp
+    return fake.to(device=device, dtype=dtype).train()
+
+
+def fake_dsm_loss(fake: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None,
+                  sigma_data: float) -> Tensor:
+    """The critic's fake-score loss: EDM-weighted x0 DSM on *detached* generator samples (DMD eq. 6 in EDM's
+    weighting), so the fake score learns the generator's current distribution and the generator gets no gradient.
+
+    Args:
+        fake: the fake score (``denoise``).
+        x: ``[B, ...]`` generator samples (detached here).
+        sigma: ``[B]`` noise levels; noise: ``[B, ...]`` standard normal; cond: ``[B]`` labels or ``None``.
+        sigma_data: the teacher's data std (EDM weight).
+    Returns:
+        ``[B]`` per-sample losses.
+    """
+    x = x.detach()
+    x_t = x + append_dims(sigma, x.ndim) * noise
+    return dsm_loss(fake.denoise(x_t, sigma, cond), x, sigma, sigma_data)

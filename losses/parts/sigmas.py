@@ -1,0 +1,67 @@
+"""Training noise-level densities, drawn through the batch (one draw per call, so the result does not depend on the
+number of processes).
+
+* ``"grid"``: uniform over the indices of a Karras grid (EDM arXiv:2206.00364 eq. 5) of ``num_levels`` levels,
+  restricted to the fraction ``[t_min, t_max]`` of it (0 = sigma_max end): DMD2's ``t ~ U[0.02 T, 0.98 T]``
+  (arXiv:2405.14867 §4, App. C).
+* ``"lognormal"``: EDM's ``log sigma ~ N(p_mean, p_std^2)`` (Table 1), clamped to the grid's range.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distill.core.registry import ConfigError
+from distill.core.schedules import discrete_index_sigma_from_uniform, karras_sigmas, lognormal_sigma_from_normal
+
+from ..base import Batch
+
+__all__ = ["SIGMA_DENSITIES", "SigmaSampler", "check_sigma_config"]
+
+SIGMA_DENSITIES = ("grid", "lognormal")
+
+
+def check_sigma_config(owner: str, densities: dict[str, str], t_min: float, t_max: float, num_levels: int,
+                       p_std: float) -> None:
+    """One-line :class:`ConfigError` for a bad density name (key -> value in ``densities``) or range."""
+    for value in densities.values():
+        if value not in SIGMA_DENSITIES:
+            raise ConfigError(f"{owner}: unknown sigma density {value!r}; valid: {', '.join(SIGMA_DENSITIES)}")
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ConfigError(f"{owner}: need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if num_levels < 2:
+        raise ConfigError(f"{owner}: num_levels must be >= 2, got {num_levels}")
+    if p_std <= 0:
+        raise ConfigError(f"{owner}: p_std must be > 0, got {p_std}")
+
+
+class SigmaSampler:
+    """Draws ``[B]`` noise levels from one batch draw.
+
+    Args:
+        density: ``"grid"`` or ``"lognormal"``.
+        sigma_min, sigma_max: the teacher's range (the Karras grid's ends; the log-normal is clamped to them).
+        num_levels: the grid's size.
+        t_min, t_max: the grid fraction range of ``"grid"``.
+        p_mean, p_std: the log-normal's parameters.
+    """
+
+    def __init__(self, density: str, sigma_min: float, sigma_max: float, num_levels: int = 1000,
+                 t_min: float = 0.02, t_max: float = 0.98, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        if density not in SIGMA_DENSITIES:
+            raise ValueError(f"unknown sigma density {density!r}; valid: {', '.join(SIGMA_DENSITIES)}")
+        self.density = density
+        self.grid = karras_sigmas(num_levels, sigma_min, sigma_max, append_zero=False)  # [num_levels] float64, desc.
+        self.t_min, self.t_max, self.p_mean, self.p_std = t_min, t_max, p_mean, p_std
+
+    def __call__(self, batch: Batch, like: Tensor) -> Tensor:
+        """``[B]`` levels on ``like``'s device and dtype (computed in float64)."""
+        if self.density == "grid":
+            _, sigma = discrete_index_sigma_from_uniform(batch.rand(dtype=torch.float64), self.grid, self.t_min,
+                                                         self.t_max)
+        else:
+            lo, hi = float(self.grid[-1]), float(self.grid[0])
+            sigma = lognormal_sigma_from_normal(batch.randn(dtype=torch.float64), self.p_mean, self.p_std)
+            sigma = sigma.clamp(lo, hi)
+        return sigma.to(device=like.device, dtype=like.dtype)
