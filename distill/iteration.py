@@ -142,8 +142,11 @@ def apply_round_start(k: int, loss: DistillLoss, student: nn.Module, teacher: nn
         if "optimizer" in resets:
             po.optimizer.state.clear()
         if "warmup" in resets:
-            for fn in po.scheduler.lr_lambdas:
-                fn.start = po.scheduler.last_epoch
+            sched = po.scheduler
+            for group, base, fn in zip(po.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                fn.start = sched.last_epoch
+                group["lr"] = base * fn(sched.last_epoch)  # this iteration's step already uses the restarted lr
+            sched._last_lr = [g["lr"] for g in po.optimizer.param_groups]
     loss.on_round_start(loss.round_of(k), student, teacher, ctx)
     return True
 

@@ -1,6 +1,7 @@
 """Students: flow maps ``J(x, sigma_from, sigma_to, cond)`` = parameterisation (:mod:`students.precond`) x raw
-backbone (:mod:`students.backbones`), of four kinds (generator, consistency, trigflow, flow map), built from a teacher (``build_student``) or from a saved config (``build_student_from_config``), and the one student
-sampler ``sample_student`` (deterministic jumps, CTM gamma-sampling, multistep consistency sampling)."""
+backbone (:mod:`students.backbones`), of four kinds (generator, consistency, trigflow, flow map), built from a
+teacher (``build_student``) or from a saved config (``build_student_from_config``), and the one student sampler
+``sample_student`` (deterministic jumps, CTM gamma-sampling, multistep consistency sampling)."""
 
 from .backbones import Backbone, UNetBackbone
 from .base import FlowMapStudent

@@ -17,12 +17,13 @@ deterministic multi-step sampler is a chain of jumps. Subclasses implement :meth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from distill.conversions import append_dims, as_sigma
+from distill.core.conversions import append_dims, as_sigma
 
 __all__ = ["FlowMapStudent"]
 
@@ -63,6 +64,21 @@ class FlowMapStudent(nn.Module):
     def denoise(self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """The student as a denoiser, ``J(x, sigma, 0)`` (so samplers and FID code can treat it like a teacher)."""
         return self(x, sigma, torch.zeros_like(as_sigma(sigma, x)), cond)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)``, each ``[B]``, of the preconditioning ``D_theta = c_skip x + c_out
+        raw(c_in x, c_noise, ...)`` (network students; :mod:`students.precond`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no preconditioned network")
+
+    def raw(self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None,
+            cond: Tensor | None = None) -> Tensor:
+        """The raw backbone ``F(x_in, c_noise[, c_noise_to], cond) -> [B, *data_shape]`` (no preconditioning)."""
+        raise NotImplementedError(f"{type(self).__name__} has no raw network")
+
+    def raw_fn(self, cond: Tensor | None = None) -> Callable[..., Tensor]:
+        """``fn(x_in, c_noise, c_noise_to=None)`` = :meth:`raw` with ``cond`` closed over: the ``torch.func.jvp``
+        entry point."""
+        raise NotImplementedError(f"{type(self).__name__} has no raw network")
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError

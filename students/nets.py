@@ -1,19 +1,24 @@
-"""Fresh student networks for low-dimensional data (the analytic 2-D teachers): a SiLU MLP on ``[B, D]`` inputs.
+"""Raw student networks: the :class:`Backbone` call convention and the fresh MLP for low-dimensional data.
 
-The network is the *raw* ``F`` of EDM preconditioning (Karras et al. 2022, arXiv:2206.00364, eq. 7): it sees
-``c_in x`` and a sinusoidal embedding of ``c_noise = log(sigma) / 4``, never raw sigma; the student wrapper
-(:mod:`students.students`) applies ``c_skip``/``c_out``. A flow-map student passes a second noise embedding for the
-target level, and a class-conditional one a label embedding (label ``num_classes`` = "no class").
+A backbone is the *raw* ``F`` of EDM-style preconditioning (Karras et al. 2022, arXiv:2206.00364, eq. 7):
+``F(x_in, c_noise, c_noise_to=None, cond=None) -> [B, ...]`` with ``x_in = c_in x`` (same shape as ``x``) and the
+parameterisation's ``c_noise`` (``[B]``), never raw sigma; :mod:`students.precond` applies ``c_skip``/``c_out``. A
+flow-map student passes a second noise input for the target level, a conditional one its labels (for the MLP, label
+``num_classes`` means "no class"). :mod:`students.backbones` adds the diffusers UNet backbone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["sinusoidal_embedding", "MLPDenoiser"]
+__all__ = ["sinusoidal_embedding", "Backbone", "RawFn", "MLPDenoiser"]
+
+#: ``F(x_in, c_noise, c_noise_to=None) -> Tensor`` with the conditioning closed over (the ``torch.func.jvp`` entry)
+RawFn = Callable[..., Tensor]
 
 
 def sinusoidal_embedding(c: Tensor, dim: int, max_freq: float = 4.0) -> Tensor:
@@ -40,8 +45,34 @@ def sinusoidal_embedding(c: Tensor, dim: int, max_freq: float = 4.0) -> Tensor:
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
-class MLPDenoiser(nn.Module):
-    """``F(x_in, c_noise[, c_noise_to][, label]) -> [B, D]``: a SiLU MLP on ``[B, D]`` data.
+class Backbone(nn.Module):
+    """Base of raw backbones: ``forward(x_in, c_noise, c_noise_to=None, cond=None) -> Tensor`` shaped like ``x_in``.
+
+    ``two_levels`` says whether the network takes the flow map's target level ``c_noise_to``.
+    """
+
+    two_levels: bool = False
+
+    def forward(
+        self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def raw_fn(self, cond: Tensor | None = None) -> RawFn:
+        """The network as a plain function ``fn(x_in, c_noise, c_noise_to=None) -> Tensor`` of tensors only, with
+        ``cond`` closed over: the entry point for ``torch.func.jvp`` (tangents in ``x_in``, ``c_noise`` and, for flow
+        maps, ``c_noise_to``), e.g. for the time derivative ``df/dt`` of continuous-time consistency training (sCM,
+        arXiv:2410.11081 §4)."""
+
+        def fn(x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None) -> Tensor:
+            return self(x_in, c_noise, c_noise_to, cond)
+
+        return fn
+
+
+class MLPDenoiser(Backbone):
+    """``F(x_in, c_noise[, c_noise_to][, label]) -> [B, D]``: a SiLU MLP on ``[B, D]`` data (inputs ``[B, ...]`` are
+    flattened and the output takes the input's shape).
 
     Args:
         dim: data dimension ``D`` (inputs are flattened ``[B, D]``).
@@ -81,8 +112,11 @@ class MLPDenoiser(nn.Module):
     def forward(
         self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
     ) -> Tensor:
-        """Args: ``x_in: [B, D]`` (already scaled by ``c_in``), ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps),
-        ``cond: [B]`` integer labels or ``None``. Returns ``[B, D]``."""
+        """Args: ``x_in: [B, D]`` or ``[B, ...]`` with ``D`` elements per sample (already scaled by ``c_in``),
+        ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond: [B]`` integer labels or ``None``. Returns a tensor
+        shaped like ``x_in``."""
+        shape = x_in.shape
+        x_in = x_in.reshape(shape[0], -1)
         feats = [x_in, sinusoidal_embedding(c_noise, self.emb_dim, self.max_freq)]
         if self.two_levels:
             if c_noise_to is None:
@@ -92,4 +126,4 @@ class MLPDenoiser(nn.Module):
             if cond is None:
                 cond = torch.full((x_in.shape[0],), self.num_classes, device=x_in.device, dtype=torch.long)
             feats.append(self.label_emb(cond.long()))
-        return self.mlp(torch.cat([f.to(x_in.dtype) for f in feats], dim=1))
+        return self.mlp(torch.cat([f.to(x_in.dtype) for f in feats], dim=1)).reshape(shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from distill.registry import Registry
+from distill.core.registry import Registry
 
 from .analytic import GaussianMixtureTeacher, empirical, grid, ring
 from .base import Denoiser, Teacher, TeacherInfo
@@ -28,7 +28,7 @@ def build_teacher(cfg: Mapping[str, Any]) -> Teacher:
     """Build a teacher from a config mapping with a ``name`` key and the factory's keyword arguments."""
     cfg = dict(cfg)
     if "name" not in cfg:
-        from distill.registry import ConfigError
+        from distill.core.registry import ConfigError
 
         raise ConfigError(f"teacher config needs a 'name'; valid teachers: {', '.join(TEACHERS.names())}")
     name = cfg.pop("name")

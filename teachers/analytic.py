@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from distill.conversions import append_dims, as_sigma
+from distill.core.conversions import append_dims, as_sigma
 
 from .base import Teacher, TeacherInfo
 

@@ -3,7 +3,7 @@
 Every teacher is an ``nn.Module`` in ``eval()`` mode with ``requires_grad_(False)``. Subclasses implement
 :meth:`Teacher.denoise` (one network forward, no guidance); :meth:`Teacher.forward` adds classifier-free guidance
 ``D_w = D_u + w (D_c - D_u)`` (= ``D_c + (w - 1)(D_c - D_u)``), which costs a second ``denoise`` call, and that second
-call is what :func:`distill.nfe.count_nfe` counts.
+call is what :func:`distill.core.nfe.count_nfe` counts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from distill.conversions import as_sigma
+from distill.core.conversions import as_sigma
 
 __all__ = ["Denoiser", "Teacher", "TeacherInfo"]
 

@@ -1,7 +1,9 @@
 """Adapter from a diffusers network + scheduler config to the project's denoiser ``D(x, sigma, cond) -> x0``.
 
-Three scheduler families are recognised from the scheduler config's ``_class_name``; the conversions below are the
-only place in the project that knows about prediction types (design.md §3):
+Three scheduler families are recognised from the scheduler config's ``_class_name``. Every family is the affine
+EDM form ``D = c_skip x + c_out F(c_in x, timestep_scale * c_noise)`` (Karras et al. 2022, arXiv:2206.00364, eq. 7
+and Table 1), with the scalings (and the prediction types) taken from :mod:`distill.core.precond`, the one copy the
+students share (design.md §3):
 
 * **EDM** (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): Karras et al. preconditioning
   ``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_noise = edm_timestep_scale * log(sigma)`` (diffusers'
@@ -29,18 +31,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.conversions import (
-    append_dims,
-    eps_to_x0,
-    rf_t_from_sigma,
-    rf_velocity_to_x0,
-    sigma_from_alpha_bar,
-    v_to_x0,
-)
+from distill.core.conversions import append_dims, sigma_from_alpha_bar
+from distill.core.precond import denoiser_scalings
 
 from .base import Teacher, TeacherInfo
 
-__all__ = ["DiffusersTeacher", "EDM_SCHEDULERS", "FLOW_SCHEDULERS", "scheduler_family", "load_diffusers_teacher"]
+__all__ = [
+    "DiffusersTeacher",
+    "EDM_SCHEDULERS",
+    "FLOW_SCHEDULERS",
+    "scheduler_family",
+    "vp_log_sigmas",
+    "load_diffusers_teacher",
+]
 
 EDM_SCHEDULERS = {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
@@ -65,6 +68,12 @@ def _alphas_cumprod(scheduler_config: dict[str, Any]) -> Tensor:
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     sched = DDPMScheduler(**{k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None})
     return sched.alphas_cumprod.to(torch.float64)
+
+
+def vp_log_sigmas(scheduler_config: dict[str, Any]) -> Tensor:
+    """``log sigma_t`` of a VP scheduler's discrete table, ascending ``[T]`` float64 (timestep ``t`` at index
+    ``t``); the ``c_noise`` table of :func:`distill.core.precond.vp_c_noise`."""
+    return sigma_from_alpha_bar(_alphas_cumprod(scheduler_config)).log()
 
 
 class DiffusersTeacher(Teacher):
@@ -124,22 +133,30 @@ class DiffusersTeacher(Teacher):
         self.edm_timestep_scale = float(edm_timestep_scale)
         self.scheduler_config = cfg
         if family == "vp":
-            self.register_buffer("log_sigmas", sigma_from_alpha_bar(_alphas_cumprod(cfg)).log(), persistent=False)
+            self.register_buffer("log_sigmas", vp_log_sigmas(cfg), persistent=False)
         self.freeze()
 
-    # -- time conversions ------------------------------------------------------------------------------------
+    # -- preconditioning and time conversions (distill.core.precond) ------------------------------------------
+    @property
+    def timestep_scale(self) -> float:
+        """The network's ``timestep = timestep_scale * c_noise``: EDM ``c_noise = log(sigma)/4``, so
+        ``4 * edm_timestep_scale``; VP ``c_noise`` is already the (fractional) timestep, so 1; rectified flow
+        ``c_noise = t``, so ``num_train_timesteps``."""
+        if self.family == "edm":
+            return 4.0 * self.edm_timestep_scale
+        if self.family == "flow":
+            return float(self.scheduler_config.get("num_train_timesteps", 1000))
+        return 1.0
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)``, each ``[B]``, with ``D = c_skip x + c_out F(c_in x, timestep_scale *
+        c_noise)`` (:func:`distill.core.precond.denoiser_scalings` of this teacher's family)."""
+        return denoiser_scalings(sigma, self.family, self.sigma_data, self.prediction_type,
+                                 getattr(self, "log_sigmas", None))
+
     def sigma_to_timestep(self, sigma: Tensor) -> Tensor:
         """Network timestep for noise level ``sigma: [B]`` (fractional for VP tables)."""
-        if self.family == "edm":
-            return self.edm_timestep_scale * sigma.log()
-        if self.family == "flow":
-            return rf_t_from_sigma(sigma) * self.scheduler_config.get("num_train_timesteps", 1000)
-        ls = self.log_sigmas.to(sigma.device)
-        x = sigma.to(ls.dtype).log().clamp(ls[0], ls[-1])
-        hi = torch.searchsorted(ls, x).clamp(1, ls.numel() - 1)
-        lo = hi - 1
-        w = (x - ls[lo]) / (ls[hi] - ls[lo])
-        return (lo + w).to(sigma.dtype)
+        return self.timestep_scale * self.scalings(sigma)[3]
 
     def native_sigmas(self) -> Tensor | None:
         if self.family == "vp":
@@ -165,30 +182,12 @@ class DiffusersTeacher(Teacher):
         return out.sample if hasattr(out, "sample") else out
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``D = c_skip x + c_out F(c_in x, timestep_scale * c_noise)``; see :meth:`scalings`. Args: ``x: [B, C, H,
+        W]``, ``sigma: [B]``, ``cond: [B]`` labels or ``None``."""
         self.check_input(x)
-        s = append_dims(sigma, x.ndim)
-        t = self.sigma_to_timestep(sigma)
-        if self.family == "edm":
-            sd = self.sigma_data
-            c_in = 1 / (s**2 + sd**2).sqrt()
-            c_skip = sd**2 / (s**2 + sd**2)
-            c_out = s * sd / (s**2 + sd**2).sqrt()
-            if self.prediction_type == "v_prediction":
-                c_out = -c_out
-            return c_skip * x + c_out * self._net(c_in * x, t, cond)
-        if self.family == "flow":
-            rt = rf_t_from_sigma(sigma)
-            x_rf = x / (1 + s)
-            return rf_velocity_to_x0(x_rf, rt, self._net(x_rf, t, cond))
-        # VP: the network sees x_t = sqrt(abar) x_ve with abar = 1 / (1 + sigma^2)
-        abar = 1 / (1 + sigma**2)
-        x_t = x * append_dims(abar.sqrt(), x.ndim)
-        out = self._net(x_t, t, cond)
-        if self.prediction_type == "epsilon":
-            return eps_to_x0(x, sigma, out)
-        if self.prediction_type == "v_prediction":
-            return v_to_x0(x_t, abar, out)
-        return out
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        out = self._net(c_in * x, self.timestep_scale * c_noise.reshape(-1), cond)
+        return c_skip * x + c_out * out
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

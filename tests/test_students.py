@@ -16,6 +16,7 @@ from students import (
     ConsistencyStudent,
     FlowMapStudent,
     MLPDenoiser,
+    UNetBackbone,
     build_student,
     build_student_from_config,
     sample_student,
@@ -25,6 +26,7 @@ from teachers import DiffusersTeacher, GaussianMixtureTeacher, ring
 from teachers.nets import small_unet
 
 torch.set_num_threads(1)
+F64 = torch.float64
 
 EDM_SCHED = {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
              "prediction_type": "epsilon"}
@@ -33,7 +35,8 @@ VP_SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_s
 KINDS = ("generator", "consistency", "flowmap")
 
 
-def tiny_teacher(sched: dict = EDM_SCHED, num_class_embeds: int | None = None, seed: int = 0) -> DiffusersTeacher:
+def tiny_teacher(sched: dict = EDM_SCHED, num_class_embeds: int | None = None, seed: int = 0,
+                 scale: float = 250.0) -> DiffusersTeacher:
     torch.manual_seed(seed)
     net = small_unet(block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=num_class_embeds)
     # Random non-zero weights everywhere (diffusers zero-inits some output convs), so equalities are not vacuous.
@@ -41,7 +44,7 @@ def tiny_teacher(sched: dict = EDM_SCHED, num_class_embeds: int | None = None, s
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     null = num_class_embeds - 1 if num_class_embeds else None
-    return DiffusersTeacher(net, sched, null_class=null, edm_timestep_scale=250.0)
+    return DiffusersTeacher(net, sched, null_class=null, edm_timestep_scale=scale)
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +167,15 @@ def test_builder_errors(edm_teacher):
         build_student("consistency", ring(), init="teacher")
     with pytest.raises(ConfigError, match="valid inits: teacher, fresh"):
         build_student("consistency", ring(), init="random")
-    with pytest.raises(ConfigError, match="valid students: consistency, flowmap, generator"):
+    with pytest.raises(ConfigError, match="valid students: consistency, flowmap, generator, trigflow"):
         build_student("cm", ring(), init="fresh")
+    with pytest.raises(ConfigError, match="own parameterisation.*use init: fresh"):
+        build_student("trigflow", edm_teacher)
     with pytest.raises(ConfigError, match="need init: fresh"):
         build_student("generator", edm_teacher, hidden=8)
     with pytest.raises(ConfigError, match="needs a 'kind'"):
         build_student_from_config({"data_shape": [2]})
-    assert STUDENTS.names() == ["consistency", "flowmap", "generator"]
+    assert STUDENTS.names() == ["consistency", "flowmap", "generator", "trigflow"]
 
 
 def test_mlp_denoiser_and_embedding_shapes():
@@ -266,13 +271,120 @@ def test_sampler_rejects_bad_arguments():
         sample_student(student, noise, torch.tensor([1.0, 2.0, 0.0]))
 
 
-def test_exact_gaussian_teacher_agrees_with_exact_flow_map():
-    """Cross-check the test's flow map against the analytic teacher's denoiser at t = 0 (independent formulas)."""
+def _rk4_pf_ode(teacher, x: torch.Tensor, s: float, t: float, steps: int = 400) -> torch.Tensor:
+    """Solve the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM eq. 3) from s to t > 0 with classical RK4 on a
+    geometric sigma grid, using only the teacher's denoiser."""
+    grid = torch.logspace(math.log10(s), math.log10(t), steps + 1, dtype=torch.float64)
+
+    def f(x, sig):
+        sv = torch.full((x.shape[0],), float(sig), dtype=torch.float64)
+        return (x - teacher(x, sv)) / sig
+
+    for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        h = b - a
+        k1 = f(x, a)
+        k2 = f(x + h / 2 * k1, a + h / 2)
+        k3 = f(x + h / 2 * k2, a + h / 2)
+        k4 = f(x + h * k3, b)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def test_exact_gaussian_flow_map_matches_an_ode_solve_of_the_analytic_teacher():
+    """The test's closed-form flow map against an independent route: RK4 on the PF-ODE driven by the analytic
+    (Tweedie) Gaussian teacher, from several s to several t, including t -> 0."""
     teacher = GaussianMixtureTeacher(torch.full((1, 3), M, dtype=torch.float64), S)
     student = ExactGaussianFlowMap()
-    x, s = torch.randn(16, 3, dtype=torch.float64) * 2, torch.rand(16, dtype=torch.float64) + 0.1
-    consistency = student.denoise(x, s)  # the consistency map: ODE to sigma = 0
-    # D(x, s) = E[x0 | x]: differs from the consistency map, but both are affine with the same fixed point M.
-    torch.testing.assert_close(teacher(x, s), M + (x - M) * (S**2 / (S**2 + s**2))[:, None])
-    torch.testing.assert_close(consistency, M + (x - M) * (S / (S**2 + s**2).sqrt())[:, None])
+    g = torch.Generator().manual_seed(4)
+    for s, t in ((5.0, 1.0), (2.0, 0.05), (0.8, 0.3), (3.0, 1e-6)):
+        x = M + math.sqrt(S**2 + s**2) * torch.randn(8, 3, dtype=torch.float64, generator=g)
+        sv, tv = torch.full((8,), s, dtype=torch.float64), torch.full((8,), t, dtype=torch.float64)
+        torch.testing.assert_close(student(x, sv, tv), _rk4_pf_ode(teacher, x, s, t), rtol=1e-7, atol=1e-7)
     assert isinstance(build_student("consistency", ring(), init="fresh", hidden=8, depth=1), ConsistencyStudent)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structure: parameterisation x backbone, the jvp entry point, no teacher internals
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", [VP_SCHED, dict(VP_SCHED, prediction_type="v_prediction"),
+                                   {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}],
+                         ids=["vp-eps", "vp-v", "flow"])
+def test_vp_and_flow_teacher_copies_equal_the_teacher_at_init(sched):
+    teacher = tiny_teacher(sched)
+    x, sigma = 2 * torch.randn(3, 1, 8, 8), torch.tensor([0.05, 1.0, 20.0])
+    ref = teacher(x, sigma)
+    for kind in ("generator", "flowmap"):
+        student = build_student(kind, teacher)
+        torch.testing.assert_close(student.x0_estimate(x, sigma, 0.3 * sigma), ref, rtol=1e-5, atol=1e-5)
+    clone = build_student_from_config(json.loads(json.dumps(student.config())))
+    clone.load_state_dict(student.state_dict())
+    assert torch.equal(clone.denoise(x, sigma), student.denoise(x, sigma))
+
+
+def test_trigflow_student_boundary_and_round_trip():
+    student = build_student("trigflow", ring(), init="fresh", hidden=16, depth=2).double()
+    x = torch.randn(6, 2, dtype=F64)
+    zero = torch.zeros(6, dtype=F64)
+    assert torch.equal(student.x0_estimate(x, zero, zero), x)  # f(x, 0) = x (sCM boundary)
+    s = torch.full((6,), 0.8, dtype=F64)
+    c_skip, c_out, c_in, c_noise = student.scalings(s)
+    f = student.raw(c_in[:, None] * x, c_noise)
+    torch.testing.assert_close(student.x0_estimate(x, s, zero), c_skip[:, None] * x + c_out[:, None] * f)
+    clone = build_student_from_config(json.loads(json.dumps(student.config()))).double()
+    clone.load_state_dict(student.state_dict())
+    assert torch.equal(clone(x, s, 0.2 * s), student(x, s, 0.2 * s))
+
+
+def test_unet_backbone_jvp_matches_central_differences():
+    """torch.func.jvp through the raw UNet backbone (flow map: both noise inputs) vs central finite differences.
+
+    float32: diffusers' timestep embedding casts to float32 (a float64 flow-map UNet does not run), so the UNet's
+    timestep per unit c_noise is 1 here (edm_timestep_scale 0.25) to keep h = 3e-3 differences well resolved."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    student = build_student("flowmap", tiny_teacher(scale=0.25))
+    assert student.net.timestep_scale == 1.0
+    with torch.no_grad():  # make the zero-initialised target-level path act
+        for p in student.net.unet.class_embedding.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(5)
+    x_in = torch.randn(2, 1, 8, 8, generator=g)
+    primals = (x_in, torch.tensor([0.3, -0.5]), torch.tensor([-0.2, -1.0]))
+    tangents = (torch.randn(x_in.shape, generator=g), torch.tensor([1.0, -0.5]), torch.tensor([0.7, 2.0]))
+    fn = student.raw_fn()
+    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        _, jvp = torch.func.jvp(fn, primals, tangents)
+        h = 3e-3
+        plus = fn(*(p + h * v for p, v in zip(primals, tangents)))
+        minus = fn(*(p - h * v for p, v in zip(primals, tangents)))
+        fd = (plus - minus) / (2 * h)
+        # each direction acts (so a dropped tangent would be caught)
+        for i in range(3):
+            only = tuple(v if j == i else torch.zeros_like(v) for j, v in enumerate(tangents))
+            assert torch.func.jvp(fn, primals, only)[1].norm() > 1e-2 * jvp.norm()
+    assert (jvp - fd).norm() < 1e-3 * jvp.norm(), ((jvp - fd).norm() / jvp.norm()).item()
+
+
+def test_students_hold_no_teacher_and_use_no_teacher_internals(edm_teacher):
+    import ast
+    from pathlib import Path
+
+    import students as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert "DiffusersTeacher" not in [a.name for a in node.names], path
+            if isinstance(node, ast.ClassDef):
+                assert "DiffusersTeacher" not in [ast.unparse(b) for b in node.bases], path
+            if isinstance(node, ast.Attribute):  # no private teacher methods
+                assert node.attr not in ("_net", "sigma_to_timestep"), (path, node.lineno)
+    for kind in KINDS:
+        student = build_student(kind, edm_teacher)
+        assert not any(isinstance(m, DiffusersTeacher) for m in student.modules())
+        assert isinstance(student.net, UNetBackbone) and student.net.mid_block is student.net.unet.mid_block
+        assert "net.unet.mid_block" in dict(student.named_modules())
+    assert isinstance(build_student("generator", ring(), init="fresh").net, MLPDenoiser)

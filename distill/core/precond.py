@@ -13,7 +13,7 @@ of ``sigma: [B]``; teachers (``teachers.diffusers_teacher``) and students (``stu
   prediction;
 * :func:`flow_scalings` - rectified flow (``x_t = (1 - t) x0 + t eps``, velocity ``u = eps - x0``);
 * :func:`cm_scalings` - the consistency-model boundary scalings (Song et al. 2023, arXiv:2303.01469, App. C);
-* :func:`trigflow_scalings` - TrigFlow / sCM (Lu & Song 2024, arXiv:2410.11081, eq. 9), rewritten in VE units;
+* :func:`trigflow_scalings` - TrigFlow / sCM (Lu & Song 2024, arXiv:2410.11081, §3), rewritten in VE units;
 * :func:`denoiser_scalings` - the dispatch over those families that teachers and students share.
 
 A network's own time input is ``timestep = timestep_scale * c_noise`` (a constant per network, chosen by whoever
@@ -87,7 +87,7 @@ def cm_scalings(sigma: Tensor, sigma_data: float, eps: float) -> tuple[Tensor, T
 
 
 def trigflow_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TrigFlow (sCM, Lu & Song 2024, arXiv:2410.11081, §3 / eq. 9) expressed in VE coordinates.
+    """TrigFlow (sCM, Lu & Song 2024, arXiv:2410.11081, §3) expressed in VE coordinates.
 
     TrigFlow writes ``x_t = cos(t) x0 + sin(t) z`` with ``z ~ N(0, sd^2 I)`` and the consistency function
     ``f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, c_noise(t))`` with ``c_noise(t) = t``. In VE units

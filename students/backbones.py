@@ -1,0 +1,133 @@
+"""Raw student backbones and their JSON specs: the MLP (:class:`students.nets.MLPDenoiser`) and a diffusers UNet.
+
+Every backbone has the raw call ``F(x_in, c_noise, c_noise_to=None, cond=None) -> Tensor`` of
+:class:`students.nets.Backbone` (``x_in = c_in x``, ``c_noise`` from :mod:`students.precond`) and the
+``torch.func.jvp`` entry point :meth:`~students.nets.Backbone.raw_fn`. A backbone is described by a JSON-serialisable
+dict, so that a student's ``config()`` rebuilds it without the teacher:
+
+* ``{"type": "mlp", "dim", "hidden", "depth", "emb_dim", "max_freq", "num_classes"}`` - a fresh MLP;
+* ``{"type": "unet", "model": "UNet2DModel", "unet": <diffusers config>, "timestep_scale", "null_class"}`` - a
+  diffusers UNet rebuilt with ``from_config`` (a teacher copy gets the teacher's weights afterwards).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.registry import ConfigError
+
+from .nets import Backbone, MLPDenoiser
+
+__all__ = ["Backbone", "MLPDenoiser", "UNetBackbone", "UNET_MODELS", "build_backbone", "clean_unet_config"]
+
+#: diffusers model classes a ``{"type": "unet"}`` backbone may name (the raw call below is theirs)
+UNET_MODELS = ("UNet2DModel",)
+
+
+class UNetBackbone(Backbone):
+    """A diffusers UNet behind the raw call: ``F(x_in, c_noise, c_noise_to, cond) =
+    unet(x_in, timestep_scale * c_noise, <conditioning>).sample``.
+
+    ``timestep_scale`` maps the parameterisation's ``c_noise`` to the network's timestep exactly as the teacher's
+    ``sigma_to_timestep`` does (``teachers.DiffusersTeacher.timestep_scale``: 4 x ``edm_timestep_scale`` for EDM,
+    where ``c_noise = log(sigma)/4``; 1 for VP, whose ``c_noise`` is the fractional timestep; ``num_train_timesteps``
+    for rectified flow). Conditioning:
+
+    * ``two_levels`` (flow maps, CTM arXiv:2310.02279): the target level's timestep ``timestep_scale * c_noise_to``
+      enters through the class-embedding path (``class_embed_type="timestep"``, a second sinusoidal embedding added
+      to the time embedding); its last linear is zero-initialised, so at init ``F`` ignores the target level. Such a
+      UNet takes no labels.
+    * ``num_class_embeds``: integer labels as ``class_labels``; ``cond=None`` means ``null_class``.
+    * text / DiT conditioning (``UNet2DConditionModel``, ``DiTTransformer2DModel``) would pass ``cond`` as
+      ``encoder_hidden_states`` in :meth:`conditioning_kwargs`; not implemented (add the class to
+      :data:`UNET_MODELS` with that branch).
+
+    Args:
+        unet: the diffusers model; reachable as ``self.unet`` (its ``mid_block`` is what GAN feature taps hook).
+        timestep_scale: network timestep per unit ``c_noise``.
+        two_levels: take the flow map's target level through the class embedding.
+        null_class: label meaning "no class" for a class-conditional UNet.
+    """
+
+    def __init__(self, unet: nn.Module, timestep_scale: float, two_levels: bool = False,
+                 null_class: int | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.timestep_scale = float(timestep_scale)
+        self.two_levels = bool(two_levels)
+        self.null_class = null_class
+        cfg = getattr(unet, "config", {})
+        if two_levels:
+            if getattr(unet, "class_embedding", None) is None or cfg.get("class_embed_type") != "timestep":
+                raise ConfigError("a flow-map UNet backbone needs class_embed_type='timestep' in its unet config")
+            # Zero the last linear of the target-level embedding: at init the target level is ignored.
+            nn.init.zeros_(unet.class_embedding.linear_2.weight)
+            nn.init.zeros_(unet.class_embedding.linear_2.bias)
+        self.num_class_embeds = None if two_levels else cfg.get("num_class_embeds")
+
+    @property
+    def mid_block(self) -> nn.Module | None:
+        """The UNet's bottleneck (the same module object as ``self.unet.mid_block``)."""
+        return getattr(self.unet, "mid_block", None)
+
+    def conditioning_kwargs(self, x_in: Tensor, c_noise_to: Tensor | None, cond: Tensor | None) -> dict[str, Any]:
+        """Keyword arguments of the diffusers call other than ``sample`` and ``timestep``."""
+        if self.two_levels:
+            if cond is not None:
+                raise ValueError("this flow-map UNet student is unconditional (its class path carries the target "
+                                 "level)")
+            if c_noise_to is None:
+                raise ValueError("a flow-map UNet backbone needs the target level: pass c_noise_to")
+            return {"class_labels": (self.timestep_scale * c_noise_to).to(x_in.dtype)}
+        if self.num_class_embeds:
+            if cond is None:
+                if self.null_class is None:
+                    raise ValueError("this student is class-conditional: pass class labels as cond")
+                cond = torch.full((x_in.shape[0],), self.null_class, device=x_in.device, dtype=torch.long)
+            return {"class_labels": cond.long()}
+        # (UNet2DConditionModel / DiT: return {"encoder_hidden_states": cond} here.)
+        return {}
+
+    def forward(
+        self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
+        """Args: ``x_in: [B, C, H, W]``, ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond: [B]`` labels or
+        ``None``. Returns ``[B, C, H, W]``."""
+        out = self.unet(x_in, self.timestep_scale * c_noise, **self.conditioning_kwargs(x_in, c_noise_to, cond))
+        return out.sample if hasattr(out, "sample") else out
+
+
+def clean_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``dict(net.config)`` minus diffusers' private bookkeeping keys, with tuples as lists (JSON round-trips)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_backbone(spec: dict[str, Any], data_shape: tuple[int, ...], two_levels: bool) -> Backbone:
+    """A fresh (untrained) backbone from its JSON spec (module docstring).
+
+    Args:
+        spec: the backbone dict.
+        data_shape: one sample's shape (checked against the spec).
+        two_levels: the student is a flow map (the backbone takes ``c_noise_to``).
+    """
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "mlp":
+        dim = math.prod(data_shape)
+        kw = {k: v for k, v in spec.items() if k != "type"}
+        if kw.setdefault("dim", dim) != dim:
+            raise ConfigError(f"mlp backbone dim {kw['dim']} does not match data_shape {list(data_shape)}")
+        return MLPDenoiser(two_levels=two_levels, **kw)
+    if kind == "unet":
+        import diffusers
+
+        model = spec.get("model", "UNet2DModel")
+        if model not in UNET_MODELS:
+            raise ConfigError(f"unknown unet backbone model {model!r}; valid: {', '.join(UNET_MODELS)}")
+        unet = getattr(diffusers, model).from_config(copy.deepcopy(dict(spec["unet"])))
+        return UNetBackbone(unet, spec["timestep_scale"], two_levels=two_levels, null_class=spec.get("null_class"))
+    raise ConfigError(f"student backbone must be a dict with type 'mlp' or 'unet', got {spec!r}")
