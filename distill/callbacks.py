@@ -14,7 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from distill.evaluate import EvalRow, Scorer, generate_student
+from distill.core.data import save_grid
+from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -24,10 +25,9 @@ def save_sample_figure(x: torch.Tensor, path: str | Path, title: str = "") -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
-        from distill.core.data import save_grid
-
         save_grid(x[:64].cpu(), path)
         return
+    # matplotlib stays lazy: choosing the Agg backend at import time would impose it on whoever imports this module.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +69,6 @@ class FIDCallback(L.Callback):
         self.reference: list[EvalRow] = []
 
     def evaluate(self, pl_module: Any, step: int) -> list[EvalRow]:
-        from distill.evaluate import generate_teacher
-
         if not self.reference:
             x, nfe = generate_teacher(pl_module.teacher, self.reference_sampler, self.reference_nfe, "karras",
                                       self.n, self.seed, self.guidance, self.batch_size)
@@ -114,7 +112,7 @@ class FIDCallback(L.Callback):
         self._plot(steps)
 
     def _plot(self, steps: list[int]) -> None:
-        import matplotlib
+        import matplotlib  # lazy, as in save_sample_figure
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

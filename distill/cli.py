@@ -5,6 +5,10 @@ e.g. ``distill train configs/digits_cd.yaml trainer.max_steps=200``. Bad input e
 status 2.
 """
 
+# The project's own modules and torch are imported inside each command on purpose: `distill --help` and argument
+# errors must not wait seconds for torch, Lightning and diffusers, and each command loads only what it uses. Only
+# the standard library and the torch-free distill.core.registry are imported at module level.
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from distill.core.registry import ConfigError
 
 __all__ = ["main"]
 
@@ -114,8 +120,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
-    import torch
-
     from distill.evaluate import EvalRow, build_scorer, generate_student, markdown_table, write_table
     from distill.export import export_plan, load_exported
     from teachers import build_teacher
@@ -146,7 +150,6 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from distill.callbacks import save_sample_figure
 
@@ -204,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
-    from distill.core.registry import ConfigError
-
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as exc:

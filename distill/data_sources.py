@@ -60,7 +60,8 @@ class _Uniform(Provider):
     def draw(self, k: int, n: int) -> dict[str, Tensor]:
         if not self.num_classes:
             return {}
-        return {"labels": torch.randint(self.num_classes, (n,), generator=_generator(self.seed, k, self.name, "labels"))}
+        g = _generator(self.seed, k, self.name, "labels")
+        return {"labels": torch.randint(self.num_classes, (n,), generator=g)}
 
 
 class _Dataset(Provider):

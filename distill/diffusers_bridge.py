@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from distill.core.registry import ConfigError, check_kwargs
-from distill.core.samplers import DenoiserFn
+from distill.core.solver_steps import DenoiserFn
 
 __all__ = ["SCHEDULER_NAMES", "make_scheduler", "scheduler_family", "scheduler_sigmas", "sample_diffusers"]
 
@@ -90,7 +91,7 @@ def make_scheduler(name: str, num_train_timesteps: int = 1000, karras: bool = Fa
     ``kdpm2``, ``edm_euler`` (EDM's own Karras grid; no betas). ``karras=True`` sets ``use_karras_sigmas=True``.
     ``kwargs`` override the defaults and are checked against the scheduler's constructor.
     """
-    import diffusers
+    import diffusers  # lazy: seconds to import, and this module is imported by evaluation code that may not need it
 
     if name not in _SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULER_NAMES)}")
@@ -244,8 +245,6 @@ def sample_diffusers(
     sample = sigma0 * noise if family != "vp" else (sigma0 / math.sqrt(1 + sigma0**2)) * noise
     iterator = range(len(timesteps))
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc=type(scheduler).__name__, leave=False)
     for i in iterator:
         t = timesteps[i]

@@ -1,9 +1,9 @@
 """Evaluation at fixed NFE: generate with a teacher solver or a student, then score with the right metric.
 
 * Image teachers: FID on a feature extractor (the shipped digits classifier for 8x8 digits, Inception from a local
-  file otherwise), every number a :class:`distill.metrics.FIDRecord` carrying its protocol.
+  file otherwise), every number a :class:`distill.fid.FIDRecord` carrying its protocol.
 * Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
-  off-mode fraction (shared/benchmarks.md "Ring"), in a record of the same shape.
+  off-mode fraction (shared/benchmarks.md "Ring", :mod:`distill.distances`), in a record of the same shape.
 
 NFE is *measured* by wrapping the network (:func:`distill.core.nfe.count_nfe`), and the measured value is what is
 recorded.
@@ -21,10 +21,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from distill.core.nfe import count_nfe
+from distill.core.samplers import get_sampler, steps_for_nfe
 from distill.core.schedules import make_grid
+from distill.diffusers_bridge import make_scheduler, sample_diffusers
+from distill.distances import ring_report
+from distill.features import build_features
+from distill.fid import class_coverage, compute_fid, digits_reference_stats
 from students import SamplingPlan, sample_student
+from teachers.analytic import GaussianMixtureTeacher
 
 __all__ = ["Scorer", "build_scorer", "generate_teacher", "generate_student", "EvalRow",
            "teacher_table", "write_table"]
@@ -57,28 +64,23 @@ class FIDScorer(Scorer):
     metric = "fid"
 
     def __init__(self, features: str = "digits", inception_path: str | None = None, kind: str = "proxy") -> None:
-        from distill.features import build_features
-        from distill.metrics import digits_reference_stats
-
         kw = {"weights_path": inception_path} if features == "inception" else {}
         self.extractor = build_features(features, **kw)
         if features != "digits":
             raise NotImplementedError(
                 "FID reference statistics are built in for the digits only; for other data compute ReferenceStats "
-                "from your data folder with distill.metrics.ReferenceStats.from_features and pass them explicitly"
+                "from your data folder with distill.fid.ReferenceStats.from_features and pass them explicitly"
             )
         self.reference = digits_reference_stats(self.extractor)
         self.kind = kind
 
     def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
-        from distill.metrics import class_coverage, compute_fid
-
         rec = compute_fid(samples, self.reference, self.extractor, kind=self.kind, **protocol)
         out = rec.to_dict()
         if hasattr(self.extractor, "predict"):
             labels = self.extractor.predict(samples)
-            cov = class_coverage(labels, 10)
-            out.setdefault("extra", {})["class_coverage"] = [round(float(c), 4) for c in cov]
+            shares = class_coverage(labels, 10)
+            out.setdefault("extra", {})["class_coverage"] = [round(float(c), 4) for c in shares]
         out["score"] = float(rec.fid)
         return out
 
@@ -95,8 +97,6 @@ class RingScorer(Scorer):
         self.reference_seed = reference_seed
 
     def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
-        from distill.metrics import ring_report
-
         rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference)
         rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
         return {"score": float(rep["sw1"]), "metric": "sw1", "n_samples": int(samples.shape[0]),
@@ -107,8 +107,6 @@ class RingScorer(Scorer):
 def build_scorer(teacher: Any, features: str = "auto", inception_path: str | None = None,
                  kind: str = "proxy") -> Scorer:
     """Pick the metric for a teacher: exact ring metrics for mixtures, digits FID for 8x8 digits, else Inception."""
-    from teachers.analytic import GaussianMixtureTeacher
-
     if features == "auto":
         if isinstance(teacher, GaussianMixtureTeacher) and len(teacher.data_shape) == 1:
             return RingScorer(teacher)
@@ -141,13 +139,9 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 
     Returns ``(samples, measured_nfe)``.
     """
-    from distill.core.samplers import get_sampler, steps_for_nfe
-
     noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes)
     den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
     if diffusers:
-        from distill.diffusers_bridge import make_scheduler, sample_diffusers
-
         def run(z: Tensor, c: Tensor | None) -> Tensor:
             sched = make_scheduler(sampler, karras=(grid == "karras"))
             return sample_diffusers(den, z, sched, nfe, cond=c)
@@ -190,10 +184,6 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
                   diffusers_samplers: list[str] | None = None, guidance: float = 1.0, batch_size: int = 1000,
                   progress: bool = True, model: str = "teacher") -> list[EvalRow]:
     """The FID-vs-NFE table of the teacher's training-free solvers (ours and diffusers'), plus the reference row."""
-    from tqdm.auto import tqdm
-
-    from distill.core.samplers import steps_for_nfe
-
     jobs: list[tuple[str, str, int, bool]] = []
     for s in samplers:
         for g in grids:
@@ -269,6 +259,8 @@ def markdown_table(rows: list[EvalRow]) -> str:
 
 def plot_rows(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
     """Score vs NFE (log-log), one line per (model, sampler, grid)."""
+    # Lazy on purpose: selecting the Agg backend at import time would force it on every process that imports
+    # this module (a notebook, say), and matplotlib is only needed when a plot is written.
     import matplotlib
 
     matplotlib.use("Agg")

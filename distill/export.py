@@ -23,12 +23,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.evaluate import student_sigmas
+from distill.train import load_training_checkpoint
+from students import SamplingPlan, build_student_from_config
 
-__all__ = ["export_checkpoint", "load_exported", "find_checkpoint"]
+__all__ = ["export_checkpoint", "load_exported", "find_checkpoint", "export_plan"]
+
+
+def export_plan(sampling: dict[str, Any]) -> SamplingPlan:
+    """The sampling plan of an export's ``sampling.json``: its levels per NFE (without the final 0) and gamma."""
+    levels = {int(k): tuple(v[:-1]) for k, v in sampling["sigmas"].items()}
+    return SamplingPlan(gamma=float(sampling["gamma"]), levels=levels)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -55,9 +63,6 @@ def _ema_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None = None,
                       overwrite: bool = False) -> Path:
     """Export the EMA student of a run directory or checkpoint to the folder ``out``."""
-    from distill.train import load_training_checkpoint
-    from students import build_student_from_config
-
     ckpt_path = find_checkpoint(path)
     ckpt = load_training_checkpoint(ckpt_path)
     meta = ckpt["distill"]
@@ -67,12 +72,13 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
     student.load_state_dict(weights, strict=True)
     ev = cfg.get("eval", {})
     nfes = nfes or list(ev.get("nfe", [1, 2, 4]))
-    explicit = ev.get("student_sigmas") or {}
-    floor = float(ev.get("student_sigma_floor", 0.4))
+    # The run's one sampling plan (the same object its evaluation and sample grids used).
+    plan = SamplingPlan.from_dict(meta.get("sampling", {}))
     sampling = {
         "sampler": "students.sample_student",
-        "gamma": float(ev.get("gamma", 1.0)),
-        "sigmas": {str(k): student_sigmas(k, student.sigma_max, floor, explicit).tolist() for k in nfes},
+        "plan": plan.to_dict(),
+        "gamma": plan.gamma,
+        "sigmas": {str(k): plan.sigmas(k, student.sigma_max).tolist() for k in nfes},
         "default_nfe": int(nfes[0]),
         "data_shape": list(student.data_shape),
         "num_classes": meta.get("teacher_info", {}).get("num_classes"),
@@ -109,29 +115,32 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
 
 
 def export_consistency_pipeline(student: Any, folder: Path, sampling: dict[str, Any]) -> str:
-    """Write a folder diffusers' ``ConsistencyModelPipeline`` loads, for a consistency student whose backbone is the
-    raw UNet of an EDM teacher with ``edm_timestep_scale = 250`` (then the student's ``c_in``, network timestep
-    ``250 log sigma`` and boundary ``c_skip/c_out`` are exactly ``CMStochasticIterativeScheduler``'s).
+    """Write a folder diffusers' ``ConsistencyModelPipeline`` loads, for a consistency student whose backbone is a
+    ``UNet2DModel`` under EDM F-prediction preconditioning with UNet timestep ``1000 c_noise = 250 log sigma`` (an EDM
+    teacher's copy with ``edm_timestep_scale = 250``): then the student's ``c_in``, network timestep and boundary
+    ``c_skip/c_out`` are exactly ``CMStochasticIterativeScheduler``'s.
 
     Returns the model-card paragraph that says how to sample it. Raises ``NotImplementedError`` (with the reason) for
     students that pipeline cannot express.
     """
-    import numpy as np
+    # diffusers is imported here only: it takes seconds to import and only this export path needs it.
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
-    bb = getattr(student, "backbone", {})
     if getattr(student, "kind", None) != "consistency":
         raise NotImplementedError(f"diffusers has no pipeline for a {getattr(student, 'kind', '?')} student; load it "
                                   "with distill.export.load_exported")
-    if bb.get("type") != "diffusers" or getattr(student.net, "family", None) != "edm" \
-            or float(bb.get("edm_timestep_scale", 0)) != 250.0 or student.net.prediction_type != "epsilon":
+    cfg = student.config()
+    bb, pre = cfg["backbone"], cfg.get("precond", {})
+    if bb.get("type") != "unet" or bb.get("model", "UNet2DModel") != "UNet2DModel" \
+            or float(bb.get("timestep_scale", 0)) != 1000.0 \
+            or (pre.get("family"), pre.get("prediction_type")) != ("edm", "epsilon"):
         raise NotImplementedError("ConsistencyModelPipeline needs a UNet consistency student of an EDM teacher "
                                   "with edm_timestep_scale=250 and epsilon (F) prediction")
     num_train_timesteps = 1000  # the Karras discretisation the pipeline's integer timesteps index
     scheduler = CMStochasticIterativeScheduler(num_train_timesteps=num_train_timesteps, sigma_min=student.sigma_min,
                                                sigma_max=student.sigma_max, sigma_data=student.sigma_data, rho=7.0,
                                                clip_denoised=False)
-    pipe = ConsistencyModelPipeline(unet=student.net.net, scheduler=scheduler)
+    pipe = ConsistencyModelPipeline(unet=student.net.unet, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     # The pipeline's timestep i means Karras level i of num_train_timesteps: map our levels to the nearest ones.
     ramp = np.linspace(0, 1, num_train_timesteps)
@@ -162,7 +171,7 @@ def model_card(cfg: dict[str, Any], meta: dict[str, Any], sampling: dict[str, An
 - teacher: `{json.dumps(cfg.get('teacher'))}`
 - student: `{meta['student_config'].get('kind', '?')}` ({json.dumps(cfg.get('student'))})
 - loss: `{json.dumps(cfg.get('loss'))}`
-- trained for {meta.get('iteration')} iterations; weights are the EMA (decay {cfg.get('ema_decay')})
+- trained for {meta.get('iteration')} iterations; weights are the EMA ({cfg.get('ema')})
 
 ## Sampling
 
@@ -190,8 +199,6 @@ or `distill sample --student <this folder> --nfe 1`.
 
 def load_exported(path: str | Path, map_location: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """Rebuild an exported student (weights loaded, eval mode) and its sampling settings."""
-    from students import build_student_from_config
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"exported student folder {str(path)!r} does not exist")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from cleanfid.resize import build_resizer
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from distill.core.registry import Registry
@@ -177,8 +179,6 @@ class DigitsFeatures(FeatureExtractor):
     name = "digits"
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> None:
-        from safetensors.torch import load_file
-
         weights = Path(weights_path) if weights_path is not None else DIGITS_CLASSIFIER_WEIGHTS
         config_path = weights.with_suffix(".json")
         for p in (weights, config_path):
@@ -304,8 +304,6 @@ class InceptionFeatures(FeatureExtractor):
         device: str | torch.device = "cpu",
         quantize: bool = True,
     ) -> None:
-        from cleanfid.resize import build_resizer
-
         path = _resolve_inception_path(weights_path)
         self.device = torch.device(device)
         with warnings.catch_warnings():

@@ -8,6 +8,7 @@ teacher's reference solver).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +150,43 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     trainer = make_trainer(cfg, out_dir, callbacks)
     # The frozen teacher is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    start_iteration, t0 = int(module.iteration), time.perf_counter()
     trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True if ckpt_path else None)
+    train_s = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
                               "iterations": int(module.iteration), "skipped_steps": int(module.skipped_steps)}
     if final_eval and scorer is not None and trainer.is_global_zero:
+        t1 = time.perf_counter()
         result["eval"] = final_evaluation(module, scorer, cfg, out_dir, fid_cb)
+        eval_s = time.perf_counter() - t1
+    else:
+        eval_s = None
+    if trainer.is_global_zero:
+        write_run_record(cfg, out_dir, result, int(module.iteration) - start_iteration, train_s, eval_s)
     return result
+
+
+def write_run_record(cfg: DictConfig, out_dir: Path, result: dict[str, Any], iterations: int, train_s: float,
+                     eval_s: float | None) -> Path:
+    """``record.json``: the run's protocol and costs next to its numbers (one per launch; a resumed run appends
+    its part to ``parts``)."""
+    from distill.records import config_hash, peak_rss_mb, run_environment
+
+    path = out_dir / "record.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    container = to_container(cfg)
+    part = {"iterations": iterations, "train_s": round(train_s, 2),
+            "iterations_per_s": round(iterations / train_s, 3) if train_s > 0 and iterations else None,
+            "eval_s": None if eval_s is None else round(eval_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            **run_environment()}
+    record = {"kind": "distill train", "name": cfg.name, "config_hash": config_hash(container), "seed": cfg.seed,
+              "eval_seeds": list(cfg.eval.seeds), "iterations": result["iterations"],
+              "skipped_steps": result["skipped_steps"], "parts": old.get("parts", []) + [part],
+              "eval": result.get("eval", {}).get("rows", old.get("eval")), "config": container}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+    return path
 
 
 def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, fid_cb: Any = None) -> dict[str, Any]:

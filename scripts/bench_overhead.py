@@ -17,18 +17,23 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
+
+from distill.config import load_config
+from distill.train import build_module, make_trainer
+from teachers import DiffusersTeacher
+from teachers.nets import small_unet
 
 
 def random_teacher(folder: Path) -> Path:
     """A randomly initialised teacher with the shipped digits teacher's architecture (timing does not depend on the
     weights), so the benchmark runs before/without the trained teacher."""
-    from teachers import DiffusersTeacher
-    from teachers.nets import small_unet
-
     torch.manual_seed(0)
     net = small_unet(8, 1, (32, 64, 64))
     DiffusersTeacher(net, {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0,
@@ -38,8 +43,6 @@ def random_teacher(folder: Path) -> Path:
 
 
 def make_cfg(loss: str, iters: int, out: str, teacher: str = "digits"):
-    from distill.config import load_config
-
     root = Path(__file__).resolve().parents[1]
     cfg = "digits_cd.yaml" if loss == "cd" else "digits_dmd2.yaml"
     ov = [f"trainer.max_steps={iters}", "eval.every=0", "trainer.grid_every=0", "trainer.ckpt_every=0",
@@ -50,10 +53,6 @@ def make_cfg(loss: str, iters: int, out: str, teacher: str = "digits"):
 
 
 def lightning_run(cfg, warmup: int) -> float:
-    import lightning as L
-
-    from distill.train import build_module, make_trainer
-
     module = build_module(cfg)
     marks: dict[str, float] = {}
 
@@ -74,8 +73,6 @@ def lightning_run(cfg, warmup: int) -> float:
 def bare_run(cfg, warmup: int) -> float:
     """The same iterations without Lightning: the module's own iteration function (``distill.iteration``) called in
     a plain loop, so both sides run identical per-iteration code and the difference is Lightning's."""
-    from distill.train import build_module
-
     torch.manual_seed(cfg.seed)
     module = build_module(cfg)
     module.prepare()
@@ -100,9 +97,6 @@ def main() -> None:
                     help="the shipped digits teacher, or a random one of the same architecture")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import tempfile
-    import warnings
-
     warnings.filterwarnings("ignore")
     res = {"lightning": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill.metrics import sliced_wasserstein  # noqa: E402
 from distill.core.samplers import sample_heun  # noqa: E402
 from distill.core.schedules import karras_sigmas  # noqa: E402
+from distill.distances import sliced_wasserstein  # noqa: E402
 from teachers import ring  # noqa: E402
 
 

@@ -4,7 +4,8 @@ at fixed NFE every ``--every`` iterations.
 One training run answers "which EMA decay suits this run length" for free, and runs of different recipes
 (``key=value`` overrides) can be compared at equal iterations. The loop is the same computation as ``distill train``
 (``DistillModule.iterate``, i.e. ``distill.iteration.run_iteration``) without the Lightning trainer, checkpoints or
-logging, so the raw weights match ``distill train``'s bit for bit. Scores use 2,000 samples and sampling seed 0 (the benchmark's proxy protocol).
+logging, so the raw weights match ``distill train``'s bit for bit. Scores use 2,000 samples and sampling seed 0 (the
+benchmark's proxy protocol).
 
     python scripts/sweep_emas.py configs/digits_cd.yaml loss.num_levels=12 --steps 2400 --every 600 \\
         --emas 0.998 0.999 --floors 0.8 --json docs/bench/sweeps/cd_n12.json

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from distill.core.data import load_digits_tensor
 from distill.features import DIGITS_CLASSIFIER_WEIGHTS, DigitsClassifier, DigitsFeatures, file_sha256
-from distill.metrics import DIGITS_REFERENCE_FILE, compute_digits_reference_stats
+from distill.fid import DIGITS_REFERENCE_FILE, compute_digits_reference_stats
 
 
 def augment(x: Tensor, generator: torch.Generator, max_shift: int = 1, noise_std: float = 0.05) -> Tensor:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import EDMEulerScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -31,9 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from distill.core.data import DATASETS  # noqa: E402
-from distill.core.schedules import sample_lognormal_sigma  # noqa: E402
-from teachers.diffusers_teacher import DiffusersTeacher  # noqa: E402
+from distill.core.data import DATASETS, save_grid  # noqa: E402
+from distill.core.nfe import count_nfe  # noqa: E402
+from distill.core.samplers import sample_heun  # noqa: E402
+from distill.core.schedules import karras_sigmas, sample_lognormal_sigma  # noqa: E402
+from teachers.diffusers_teacher import DiffusersTeacher, load_diffusers_teacher  # noqa: E402
 from teachers.nets import small_unet  # noqa: E402
 
 SIGMA_DATA = 0.5
@@ -42,8 +45,6 @@ EDM_TIMESTEP_SCALE = 250.0
 
 def edm_scheduler_config(sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = SIGMA_DATA) -> dict:
     """The ``EDMEulerScheduler`` config saved with the teacher (diffusers' own defaults filled in)."""
-    from diffusers import EDMEulerScheduler
-
     sched = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
     cfg = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
     cfg["_class_name"] = "EDMEulerScheduler"
@@ -78,11 +79,6 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, final_frac: float)
 def sample_grid(teacher: DiffusersTeacher, path: str | Path, n: int = 64, seed: int = 0, steps: int = 18) -> int:
     """Write an 8-column grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels,
     ``2 steps - 1`` NFE: 35 for 18). Returns the measured NFE."""
-    from distill.core.data import save_grid
-    from distill.core.nfe import count_nfe
-    from distill.core.samplers import sample_heun
-    from distill.core.schedules import karras_sigmas
-
     noise = torch.randn((n, *teacher.data_shape), generator=torch.Generator().manual_seed(seed))
     sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, dtype=torch.float32)
     with torch.no_grad(), count_nfe(teacher) as counter:
@@ -117,8 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
     torch.set_num_threads(args.threads)
     if args.grid_only:
-        from teachers.diffusers_teacher import load_diffusers_teacher
-
         path = args.samples or str(ROOT / "docs" / "teacher_digits_samples.png")
         nfe = sample_grid(load_diffusers_teacher(args.out), path, seed=args.seed)
         print(f"wrote {path} ({nfe} NFE Heun)")

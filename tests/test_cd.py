@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from _helpers import batch, ctx
 
 from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
 from losses.cd import icm_weight, karras_subgrid, pseudo_huber, squared_l2
 from students import FlowMapStudent, build_student, sample_student
 from teachers import GaussianMixtureTeacher, ring
-
-from _helpers import batch, ctx
 
 torch.set_num_threads(1)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dummy_losses  # noqa: F401  (registers the dummy losses)
 import pytest
 import torch
 
-import dummy_losses  # noqa: F401  (registers the dummy losses)
 from distill.config import load_config
 from distill.train import build_module, run_training
 from teachers import DiffusersTeacher

@@ -76,10 +76,10 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
 
 def run_init(case: str) -> dict[str, torch.Tensor]:
     """The module's weights before training (same seed), to check that the runs above really trained."""
+    import lightning as L
+
     from distill.config import load_config
     from distill.train import build_module
-
-    import lightning as L
 
     config, extra = CASES[case]
     cfg = load_config(ROOT / "configs" / config, ["out_dir=/tmp/unused"] + extra)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 
+import dummy_losses  # noqa: F401  (registers the dummy losses, so they meet the contract too)
 import pytest
 import torch
+from _helpers import ctx
 
-import dummy_losses  # noqa: F401  (registers the dummy losses, so they meet the contract too)
 from distill.core.registry import ConfigError
 from distill.data_sources import DATA_SOURCES
 from distill.module import DistillModule
@@ -24,8 +25,6 @@ from losses.base import DataSpec
 from students import STUDENTS, SamplingPlan, build_student
 from teachers import DiffusersTeacher
 from teachers.nets import small_unet
-
-from _helpers import ctx
 
 torch.set_num_threads(1)
 

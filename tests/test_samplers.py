@@ -15,15 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.diffusers_bridge import make_scheduler, sample_diffusers, scheduler_family, scheduler_sigmas
 from distill.core.nfe import count_nfe
 from distill.core.registry import ConfigError
 from distill.core.samplers import (
     SAMPLERS,
-    deis_coefficients,
-    euler_step,
     get_sampler,
-    heun_step,
     sample_at_nfe,
     sample_dpmpp_2m,
     sample_euler,
@@ -32,6 +28,8 @@ from distill.core.samplers import (
     steps_for_nfe,
 )
 from distill.core.schedules import karras_sigmas
+from distill.core.solver_steps import deis_coefficients, euler_step, heun_step
+from distill.diffusers_bridge import make_scheduler, sample_diffusers, scheduler_family, scheduler_sigmas
 from teachers import empirical, ring
 from teachers.analytic import GaussianMixtureTeacher
 

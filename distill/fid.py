@@ -1,14 +1,15 @@
-"""Metrics: FID with its protocol recorded beside the number, and exact distances for analytic teachers.
+"""FID with its protocol recorded beside the number (Heusel et al. 2017, arXiv:1706.08500).
 
-* FID (Heusel et al. 2017, arXiv:1706.08500): ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` between Gaussian
-  fits of features. The Fréchet distance itself is clean-fid's; features come from :mod:`distill.features`.
-  Every number is a :class:`FIDRecord` naming its feature extractor (with a weights hash), sample count, reference
-  statistics (source, size, SHA-256), NFE, sampler, grid, guidance, seed, model and whether it is a proxy or a final
-  FID (design.md §3 "Metric").
-* Low-dimensional distances (shared/benchmarks.md "Ring"): sliced Wasserstein-1 with fixed seeded directions,
-  unbiased multi-bandwidth RBF MMD^2, per-mode mass, the off-mode fraction, class coverage.
+``FID = ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^{1/2})`` between Gaussian fits ``N(mu, C)`` of features (``C`` a
+feature covariance; in this project ``sigma`` always means a noise level). The Fréchet distance itself is
+clean-fid's; features come from :mod:`distill.features`. Every number is a :class:`FIDRecord` naming its feature
+extractor (with a weights hash), sample count, reference statistics (source, size, SHA-256), NFE, sampler, grid,
+guidance, seed, model and whether it is a proxy or a final FID (design.md §3 "Metric"). Per-class coverage of the
+digits rides along in the record's ``extra``.
 
-Arrays are ``[N, D]`` (points or features); images are ``[N, C, H, W]`` in ``[-1, 1]``.
+Low-dimensional distances for analytic teachers live in :mod:`distill.distances`.
+
+Arrays are ``[N, D]`` (features); images are ``[N, C, H, W]`` in ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cleanfid import fid as cleanfid_fid
 from scipy.linalg import LinAlgWarning
 from torch import Tensor
 
-from distill.features import ASSETS_DIR, DigitsFeatures, FeatureExtractor
+from distill.core.data import load_digits_tensor
 from distill.core.registry import ConfigError
+from distill.features import ASSETS_DIR, DigitsFeatures, FeatureExtractor
 
 __all__ = [
     "frechet_distance",
@@ -38,12 +40,7 @@ __all__ = [
     "DIGITS_REFERENCE_FILE",
     "FIDRecord",
     "compute_fid",
-    "sliced_wasserstein",
-    "mmd_rbf",
-    "mode_mass",
-    "off_mode_fraction",
     "class_coverage",
-    "ring_report",
     "digits_report",
 ]
 
@@ -60,28 +57,26 @@ def _np64(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (clean-fid's implementation).
+def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: ArrayLike) -> float:
+    """Fréchet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (clean-fid's implementation).
 
     Args:
         mu1, mu2: ``[D]`` means.
-        sigma1, sigma2: ``[D, D]`` covariances.
+        cov1, cov2: ``[D, D]`` covariances.
     """
-    from cleanfid import fid as cleanfid_fid
-
     m1, m2 = _np64(mu1), _np64(mu2)
-    s1, s2 = _np64(sigma1), _np64(sigma2)
+    c1, c2 = _np64(cov1), _np64(cov2)
     d = m1.shape[0] if m1.ndim == 1 else -1
-    if m1.ndim != 1 or m2.shape != m1.shape or s1.shape != (d, d) or s2.shape != (d, d):
+    if m1.ndim != 1 or m2.shape != m1.shape or c1.shape != (d, d) or c2.shape != (d, d):
         raise ValueError(
-            f"frechet_distance needs mu1, mu2: [D] and sigma1, sigma2: [D, D] with one D; got mu1 {list(m1.shape)}, "
-            f"sigma1 {list(s1.shape)}, mu2 {list(m2.shape)}, sigma2 {list(s2.shape)}"
+            f"frechet_distance needs mu1, mu2: [D] and cov1, cov2: [D, D] with one D; got mu1 {list(m1.shape)}, "
+            f"cov1 {list(c1.shape)}, mu2 {list(m2.shape)}, cov2 {list(c2.shape)}"
         )
     if d == 1:
         # SciPy's sqrtm returns no error estimate for 1x1 input, which clean-fid's unpacking trips on. Append an
         # identical N(0, 1) coordinate to both: the distance is additive over independent blocks, so it adds 0.
         m1, m2 = np.append(m1, 0.0), np.append(m2, 0.0)
-        s1, s2 = np.diag([s1[0, 0], 1.0]), np.diag([s2[0, 0], 1.0])
+        c1, c2 = np.diag([c1[0, 0], 1.0]), np.diag([c2[0, 0], 1.0])
     with warnings.catch_warnings():
         # clean-fid calls scipy.linalg.sqrtm(..., disp=False); SciPy 1.17 deprecates `disp` (env-notes §5).
         warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
@@ -89,7 +84,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         # of a singular PSD product is still well defined and sqrtm gets it right (tested against the eigenvalue
         # form), so SciPy's "Matrix is singular" warning is noise here.
         warnings.filterwarnings("ignore", message=".*singular.*", category=LinAlgWarning)
-        return float(cleanfid_fid.frechet_distance(m1, s1, m2, s2))
+        return float(cleanfid_fid.frechet_distance(m1, c1, m2, c2))
 
 
 def gaussian_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +100,16 @@ def gaussian_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _stats_sha256(mu: np.ndarray, sigma: np.ndarray) -> str:
-    """SHA-256 of the little-endian float64 bytes of ``mu`` then ``sigma`` (shape is implied by ``len(mu)``)."""
+def _stats_sha256(mu: np.ndarray, cov: np.ndarray) -> str:
+    """SHA-256 of the little-endian float64 bytes of ``mu`` then ``cov`` (shape is implied by ``len(mu)``)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(mu, dtype="<f8").tobytes())
-    h.update(np.ascontiguousarray(sigma, dtype="<f8").tobytes())
+    h.update(np.ascontiguousarray(cov, dtype="<f8").tobytes())
     return h.hexdigest()
+
+
+# The covariance's key in reference files written before it was renamed from ``sigma`` to ``cov``.
+_LEGACY_COV_KEY = "sigma"
 
 
 @dataclass
@@ -119,32 +118,32 @@ class ReferenceStats:
 
     Attributes:
         mu: ``[D]`` feature mean (float64).
-        sigma: ``[D, D]`` feature covariance (float64).
+        cov: ``[D, D]`` feature covariance (float64).
         n: number of reference samples.
         source: what the reference set is (e.g. ``"sklearn digits, all 1797"``).
         features: the extractor's :meth:`~distill.features.FeatureExtractor.describe` string.
-    The ``sha256`` property hashes ``mu`` and ``sigma``, so any change to the statistics changes it.
+    The ``sha256`` property hashes ``mu`` and ``cov``, so any change to the statistics changes it.
     """
 
     mu: np.ndarray
-    sigma: np.ndarray
+    cov: np.ndarray
     n: int
     source: str
     features: str
 
     def __post_init__(self) -> None:
         self.mu = _np64(self.mu)
-        self.sigma = _np64(self.sigma)
+        self.cov = _np64(self.cov)
         d = self.mu.shape[0] if self.mu.ndim == 1 else -1
-        if self.mu.ndim != 1 or self.sigma.shape != (d, d):
+        if self.mu.ndim != 1 or self.cov.shape != (d, d):
             raise ValueError(
-                f"ReferenceStats needs mu [D] and sigma [D, D], got {list(self.mu.shape)} and {list(self.sigma.shape)}"
+                f"ReferenceStats needs mu [D] and cov [D, D], got {list(self.mu.shape)} and {list(self.cov.shape)}"
             )
         self.n = int(self.n)
 
     @property
     def sha256(self) -> str:
-        return _stats_sha256(self.mu, self.sigma)
+        return _stats_sha256(self.mu, self.cov)
 
     @property
     def dim(self) -> int:
@@ -157,8 +156,8 @@ class ReferenceStats:
     @classmethod
     def from_features(cls, feats: ArrayLike, source: str, features: str) -> ReferenceStats:
         """Statistics of ``feats: [N, D]``."""
-        mu, sigma = gaussian_stats(feats)
-        return cls(mu=mu, sigma=sigma, n=int(feats.shape[0]), source=source, features=features)
+        mu, cov = gaussian_stats(feats)
+        return cls(mu=mu, cov=cov, n=int(feats.shape[0]), source=source, features=features)
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` at exactly ``path`` (strings as unicode arrays, so no pickling is needed to read it)."""
@@ -168,7 +167,7 @@ class ReferenceStats:
             np.savez(
                 f,
                 mu=self.mu,
-                sigma=self.sigma,
+                cov=self.cov,
                 n=np.int64(self.n),
                 source=np.str_(self.source),
                 features=np.str_(self.features),
@@ -178,12 +177,17 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
-        """Read a file written by :meth:`save`; the stored hash must match the stored statistics."""
+        """Read a file written by :meth:`save`; the stored hash must match the stored statistics.
+
+        Files written before the covariance was renamed store it as ``sigma``; they are read too (the hash covers
+        only the numbers, so it is unchanged by the key's name).
+        """
         with np.load(path, allow_pickle=False) as z:
-            missing = sorted({"mu", "sigma", "n", "source", "features", "sha256"} - set(z.files))
+            cov_key = _LEGACY_COV_KEY if "cov" not in z.files and _LEGACY_COV_KEY in z.files else "cov"
+            missing = sorted({"mu", cov_key, "n", "source", "features", "sha256"} - set(z.files))
             if missing:
                 raise ValueError(f"{path} is not a ReferenceStats file: missing arrays {missing}")
-            ref = cls(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), source=str(z["source"]), features=str(z["features"]))
+            ref = cls(mu=z["mu"], cov=z[cov_key], n=int(z["n"]), source=str(z["source"]), features=str(z["features"]))
             stored = str(z["sha256"])
         if stored != ref.sha256:
             raise ValueError(f"{path}: stored sha256 {stored[:12]} does not match its statistics ({ref.sha256[:12]})")
@@ -197,8 +201,6 @@ DIGITS_REFERENCE_SOURCE = "sklearn load_digits, all 1797 images, x/8-1"
 
 def compute_digits_reference_stats(extractor: FeatureExtractor) -> ReferenceStats:
     """Statistics of all 1,797 real digits under ``extractor``, computed now (well under a second on a CPU)."""
-    from distill.core.data import load_digits_tensor
-
     images, _ = load_digits_tensor()
     return ReferenceStats.from_features(extractor(images), DIGITS_REFERENCE_SOURCE, extractor.describe())
 
@@ -345,113 +347,15 @@ def compute_fid(
     feats = extractor(samples, batch_size=batch_size)
     if feats.shape[1] != reference.dim:
         raise ValueError(f"features have dim {feats.shape[1]} but the reference has dim {reference.dim}")
-    mu, sigma = gaussian_stats(feats)
-    fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    mu, cov = gaussian_stats(feats)
+    fid = frechet_distance(mu, cov, reference.mu, reference.cov)
     protocol.setdefault("kind", "final" if n >= min(reference.n, 50_000) else "proxy")
     return FIDRecord(fid=fid, feature_extractor=desc, n_samples=n, reference=reference.summary(), **protocol)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distances for low-dimensional (analytic-teacher) data
+# Per-class coverage and the digits report
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _points(x: ArrayLike, name: str, min_n: int = 1) -> Tensor:
-    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    if t.ndim != 2 or t.shape[0] < min_n:
-        raise ValueError(f"{name} must be points [N, D] with N >= {min_n}, got shape {list(t.shape)}")
-    return t
-
-
-def _same_dim(a: Tensor, b: Tensor, what: str) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{what}: point sets have different dimensions {a.shape[1]} and {b.shape[1]}")
-
-
-def sliced_wasserstein(a: ArrayLike, b: ArrayLike, n_dirs: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-1 between point sets ``a: [N, D]`` and ``b: [M, D]``.
-
-    The mean over ``n_dirs`` random unit directions (fixed by ``seed`` through a private ``torch.Generator``,
-    so every call with the same seed uses the same directions) of the exact 1-D W1 between the projected
-    empirical distributions, ``int_0^1 |F_a^{-1}(q) - F_b^{-1}(q)| dq``. For ``N == M`` that is the mean
-    absolute difference of sorted projections; otherwise the two step quantile functions are integrated exactly
-    on the union of their breakpoints ``{i/N} U {j/M}``.
-    """
-    a, b = _points(a, "a"), _points(b, "b")
-    _same_dim(a, b, "sliced_wasserstein")
-    if n_dirs < 1:
-        raise ValueError(f"n_dirs must be >= 1, got {n_dirs}")
-    gen = torch.Generator().manual_seed(int(seed))
-    dirs = torch.randn(n_dirs, a.shape[1], generator=gen, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    pa = torch.sort(a @ dirs.T, dim=0).values  # [N, n_dirs]
-    pb = torch.sort(b @ dirs.T, dim=0).values  # [M, n_dirs]
-    n, m = pa.shape[0], pb.shape[0]
-    if n == m:
-        return float((pa - pb).abs().mean())
-    # Breakpoints k/(N*M) in integers: i*M for a's steps, j*N for b's. On (k_prev, k] the quantile of a is its
-    # ceil(k/M)-th order statistic and that of b its ceil(k/N)-th, since no other breakpoint lies inside.
-    k = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))  # sorted, int64
-    widths = torch.diff(k, prepend=torch.zeros(1, dtype=k.dtype)).to(torch.float64) / (n * m)
-    ia = (k + m - 1) // m - 1
-    ib = (k + n - 1) // n - 1
-    return float((widths[:, None] * (pa[ia] - pb[ib]).abs()).sum(0).mean())
-
-
-def _kernel_sum(x: Tensor, y: Tensor, gammas: Tensor, chunk: int = 1024) -> Tensor:
-    """``sum_{i,j} sum_h exp(-gamma_h ||x_i - y_j||^2)`` computed in row chunks (10k x 10k fits in memory)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for s in range(0, x.shape[0], chunk):
-        d2 = torch.cdist(x[s : s + chunk], y).pow(2)  # [c, M]
-        total += torch.exp(-d2[None] * gammas[:, None, None]).sum()
-    return total
-
-
-def mmd_rbf(a: ArrayLike, b: ArrayLike, bandwidths: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)) -> float:
-    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) with the sum of RBF kernels ``exp(-||x - y||^2 / (2 h^2))``.
-
-    Args:
-        a: ``[N, D]``, b: ``[M, D]`` with N, M >= 2.
-        bandwidths: the kernel widths ``h``; several, so both within-mode shape and mode weights register
-            (the defaults span the ring's 0.05 mode std to its radius 2).
-    Returns the estimate of ``MMD^2``; it is unbiased, so it can be slightly negative when the sets match.
-    """
-    a, b = _points(a, "a", 2), _points(b, "b", 2)
-    _same_dim(a, b, "mmd_rbf")
-    h = torch.as_tensor(list(bandwidths), dtype=torch.float64)
-    if h.ndim != 1 or h.numel() == 0 or bool((h <= 0).any()):
-        raise ValueError(f"bandwidths must be a non-empty list of positive floats, got {list(bandwidths)}")
-    gammas = 1.0 / (2.0 * h**2)
-    n, m, k = a.shape[0], b.shape[0], h.numel()
-    # Off-diagonal sums: the diagonal of each self-kernel is exactly 1 per bandwidth.
-    kaa = (_kernel_sum(a, a, gammas) - n * k) / (n * (n - 1))
-    kbb = (_kernel_sum(b, b, gammas) - m * k) / (m * (m - 1))
-    kab = _kernel_sum(a, b, gammas) / (n * m)
-    return float(kaa + kbb - 2 * kab)
-
-
-def _nearest(samples: ArrayLike, means: ArrayLike) -> tuple[Tensor, Tensor]:
-    x = _points(samples, "samples")
-    mu = _points(means, "means")
-    _same_dim(x, mu, "mode assignment")
-    d = torch.cdist(x, mu)  # [N, K]
-    dist, idx = d.min(dim=1)
-    return dist, idx
-
-
-def mode_mass(samples: ArrayLike, means: ArrayLike) -> Tensor:
-    """Fraction of ``samples: [N, D]`` whose nearest mean (of ``means: [K, D]``) is each mode. Returns ``[K]``."""
-    _, idx = _nearest(samples, means)
-    k = torch.as_tensor(means).shape[0]
-    return torch.bincount(idx, minlength=k).to(torch.float64) / idx.numel()
-
-
-def off_mode_fraction(samples: ArrayLike, means: ArrayLike, radius: float) -> float:
-    """Fraction of ``samples: [N, D]`` farther than ``radius`` from every mean in ``means: [K, D]``."""
-    if not radius > 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
-    dist, _ = _nearest(samples, means)
-    return float((dist > radius).double().mean())
 
 
 def class_coverage(labels: ArrayLike, num_classes: int = 10) -> Tensor:
@@ -462,36 +366,6 @@ def class_coverage(labels: ArrayLike, num_classes: int = 10) -> Tensor:
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
     return torch.bincount(y.long(), minlength=num_classes).to(torch.float64) / y.numel()
-
-
-def ring_report(
-    samples: ArrayLike,
-    means: ArrayLike,
-    reference_samples: ArrayLike,
-    off_radius: float = 0.25,
-    n_dirs: int = 256,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The ring benchmark's numbers (shared/benchmarks.md): SW1 to exact samples, per-mode mass, off-mode fraction.
-
-    Args:
-        samples: ``[N, 2]`` generated points; means: ``[K, 2]`` the teacher's mode means;
-        reference_samples: ``[M, 2]`` a fixed set of exact teacher samples.
-        off_radius: "off" = farther than this from every mean (0.25 = 5 std for the benchmark ring).
-    """
-    mass = mode_mass(samples, means)
-    return {
-        "sw1": sliced_wasserstein(samples, reference_samples, n_dirs=n_dirs, seed=seed),
-        "mode_mass": mass.tolist(),
-        "max_mode_mass": float(mass.max()),
-        "min_mode_mass": float(mass.min()),
-        "off": off_mode_fraction(samples, means, off_radius),
-        "n_samples": int(torch.as_tensor(samples).shape[0]),
-        "n_reference": int(torch.as_tensor(reference_samples).shape[0]),
-        "n_dirs": n_dirs,
-        "sw_seed": seed,
-        "off_radius": off_radius,
-    }
 
 
 def digits_report(
@@ -511,10 +385,10 @@ def digits_report(
     extractor = DigitsFeatures() if extractor is None else extractor
     reference = digits_reference_stats(extractor) if reference is None else reference
     record = compute_fid(samples, reference, extractor, **protocol)
-    cov = class_coverage(extractor.predict(samples), extractor.num_classes)
+    shares = class_coverage(extractor.predict(samples), extractor.num_classes)
     record.extra.update(
-        class_coverage=[round(float(c), 6) for c in cov],
-        min_class_share=float(cov.min()),
-        max_class_share=float(cov.max()),
+        class_coverage=[round(float(c), 6) for c in shares],
+        min_class_share=float(shares.min()),
+        max_class_share=float(shares.max()),
     )
     return record

@@ -1,17 +1,16 @@
-"""Metrics and feature extractors against closed forms, independent implementations and the digits calibration."""
+"""FID and feature extractors against closed forms, independent implementations and the digits calibration."""
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import wasserstein_distance
 
 from distill.core.data import load_digits_tensor
+from distill.core.registry import ConfigError
 from distill.features import (
     FEATURES,
     INCEPTION_ENV_VAR,
@@ -21,7 +20,7 @@ from distill.features import (
     InceptionFeatures,
     build_features,
 )
-from distill.metrics import (
+from distill.fid import (
     DIGITS_REFERENCE_FILE,
     FIDRecord,
     ReferenceStats,
@@ -31,14 +30,7 @@ from distill.metrics import (
     digits_report,
     frechet_distance,
     gaussian_stats,
-    mmd_rbf,
-    mode_mass,
-    off_mode_fraction,
-    ring_report,
-    sliced_wasserstein,
 )
-from distill.core.registry import ConfigError
-from teachers.analytic import grid, ring
 
 
 def _random_spd(d: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:
@@ -61,10 +53,10 @@ def _frechet_eig(mu1, s1, mu2, s2) -> float:
 
 def test_frechet_equal_covariance_is_squared_mean_distance():
     rng = np.random.default_rng(0)
-    sigma = _random_spd(16, rng)
+    cov = _random_spd(16, rng)
     mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
-    assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-7, abs=1e-8)
-    assert frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(mu1, cov, mu2, cov) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-7, abs=1e-8)
+    assert frechet_distance(mu1, cov, mu1, cov) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_frechet_one_dimensional_closed_form():
@@ -98,12 +90,12 @@ def test_compute_fid_closed_form_with_flatten_features():
     x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T
     m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     ext = FlattenFeatures()
-    ref = ReferenceStats(mu=np.zeros(d), sigma=np.eye(d), n=10_000, source="N(0, I)", features=ext.describe())
+    ref = ReferenceStats(mu=np.zeros(d), cov=np.eye(d), n=10_000, source="N(0, I)", features=ext.describe())
     rec = compute_fid(x + m, ref, ext, seed=0, model="whitened gaussian")
     assert rec.fid == pytest.approx(float((m**2).sum()), rel=1e-9)
     assert rec.kind == "proxy" and rec.n_samples == n  # 400 < min(10_000, 50_000)
-    mu, sigma = gaussian_stats(x + m)
-    np.testing.assert_allclose(sigma, np.eye(d), atol=1e-10)
+    mu, cov = gaussian_stats(x + m)
+    np.testing.assert_allclose(cov, np.eye(d), atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def test_reference_hash_changes_with_the_stats():
     b.mu = b.mu + 1e-12
     assert b.sha256 != a.sha256
     c = _ref(0)
-    c.sigma[0, 1] += 1e-9
+    c.cov[0, 1] += 1e-9
     assert c.sha256 != a.sha256
 
 
@@ -131,7 +123,7 @@ def test_reference_stats_save_load_round_trip(tmp_path):
     path = ref.save(tmp_path / "ref.npz")
     back = ReferenceStats.load(path)
     np.testing.assert_array_equal(back.mu, ref.mu)
-    np.testing.assert_array_equal(back.sigma, ref.sigma)
+    np.testing.assert_array_equal(back.cov, ref.cov)
     assert (back.n, back.source, back.features, back.sha256) == (50, "test", "flatten", ref.sha256)
     # A file whose statistics no longer match its stored hash is rejected.
     with np.load(path, allow_pickle=False) as z:
@@ -140,6 +132,19 @@ def test_reference_stats_save_load_round_trip(tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError, match="does not match"):
         ReferenceStats.load(tmp_path / "bad.npz")
+
+
+def test_reference_stats_reads_files_that_store_the_covariance_as_sigma(tmp_path):
+    # Files written before the covariance was renamed `cov` store it under `sigma`; the hash covers only the numbers.
+    ref = _ref(2)
+    with np.load(ref.save(tmp_path / "ref.npz"), allow_pickle=False) as z:
+        arrays = dict(z)
+    assert "cov" in arrays and "sigma" not in arrays
+    arrays["sigma"] = arrays.pop("cov")
+    np.savez(tmp_path / "legacy.npz", **arrays)
+    back = ReferenceStats.load(tmp_path / "legacy.npz")
+    np.testing.assert_array_equal(back.cov, ref.cov)
+    assert back.sha256 == ref.sha256
 
 
 PROTOCOL_FIELDS = {
@@ -173,103 +178,19 @@ def test_fid_record_has_every_protocol_field_and_round_trips():
 
 
 def test_compute_fid_rejects_reference_from_another_extractor():
-    ref = ReferenceStats(mu=np.zeros(2), sigma=np.eye(2), n=10, source="t", features="digits@000000000000")
+    ref = ReferenceStats(mu=np.zeros(2), cov=np.eye(2), n=10, source="t", features="digits@000000000000")
     with pytest.raises(ValueError, match="recompute the reference"):
         compute_fid(torch.randn(8, 2), ref, FlattenFeatures())
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Low-dimensional distances
+# Per-class coverage
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_sliced_wasserstein_identity_shift_and_symmetry():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(300, 2, generator=g)
-    b = torch.randn(300, 2, generator=g) * 0.5 + 1.0
-    assert sliced_wasserstein(a, a) == 0.0
-    assert sliced_wasserstein(a, b) == pytest.approx(sliced_wasserstein(b, a), rel=1e-12)
-    x = torch.randn(500, 1, generator=g, dtype=torch.float64)
-    assert sliced_wasserstein(x, x + 0.7) == pytest.approx(0.7, rel=1e-12)  # 1-D: every direction is +-1
-    # 2-D shift by c: mean_theta |<c, theta>| -> 2|c|/pi over uniform directions.
-    c = torch.tensor([0.6, -0.8])
-    assert sliced_wasserstein(a, a + c) == pytest.approx(2 / math.pi, rel=0.05)
-    # Directions are fixed by the seed.
-    assert sliced_wasserstein(a, b, seed=5) == sliced_wasserstein(a, b, seed=5) != sliced_wasserstein(a, b, seed=6)
-
-
-def test_sliced_wasserstein_unequal_sizes_is_exact_w1():
-    # uniform{0, 1} vs uniform{0, 1, 2}: W1 = 1/6 + 1/3 = 1/2
-    assert sliced_wasserstein(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [1.0], [2.0]])) == pytest.approx(0.5)
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(37, 1, generator=g), torch.randn(53, 1, generator=g) * 2 + 0.3
-    assert sliced_wasserstein(a, b) == pytest.approx(wasserstein_distance(a[:, 0].numpy(), b[:, 0].numpy()), rel=1e-9)
-    pts = torch.randn(40, 2, generator=g)
-    assert sliced_wasserstein(pts, pts.repeat(3, 1)) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_ring_two_exact_sets_sit_at_the_noise_floor():
-    t = ring()
-    a = t.sample(2000, generator=torch.Generator().manual_seed(0))
-    b = t.sample(2000, generator=torch.Generator().manual_seed(1))
-    far = grid().sample(2000, generator=torch.Generator().manual_seed(2))
-    assert sliced_wasserstein(a, b) < 0.1 < sliced_wasserstein(a, far)
-
-
-def _mmd_loops(a: np.ndarray, b: np.ndarray, h: float) -> float:
-    """Unbiased MMD^2 by explicit double loops (tiny sets only)."""
-
-    def k(x, y):
-        return math.exp(-((x - y) ** 2).sum() / (2 * h * h))
-
-    n, m = len(a), len(b)
-    kaa = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    kbb = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kab = sum(k(a[i], b[j]) for i in range(n) for j in range(m)) / (n * m)
-    return kaa + kbb - 2 * kab
-
-
-def test_mmd_matches_explicit_formula_and_separates_distributions():
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((7, 2)), rng.standard_normal((9, 2)) + 0.5
-    expected = _mmd_loops(a, b, 0.3) + _mmd_loops(a, b, 1.5)
-    assert mmd_rbf(a, b, bandwidths=(0.3, 1.5)) == pytest.approx(expected, rel=1e-10)
-    t = ring()
-    x = t.sample(800, generator=torch.Generator().manual_seed(0))
-    y = t.sample(800, generator=torch.Generator().manual_seed(1))
-    other = grid().sample(800, generator=torch.Generator().manual_seed(2))
-    same, diff = mmd_rbf(x, y), mmd_rbf(x, other)
-    assert abs(same) < 0.02 and diff > 0.3 and diff > 20 * abs(same)
-
-
-def test_mode_mass_and_off_fraction_closed_forms():
-    t = ring()  # std 0.05, modes 2 sin(pi/8) ~ 1.53 apart: the nearest mean is the true component
-    x, labels = t.sample(20_000, generator=torch.Generator().manual_seed(0), return_labels=True)
-    mass = mode_mass(x, t.means)
-    assert mass.sum().item() == pytest.approx(1.0)
-    torch.testing.assert_close(mass, torch.bincount(labels, minlength=8).double() / 20_000)
-    assert off_mode_fraction(x, t.means, 0.25) == 0.0  # 5 std: P = exp(-12.5) ~ 4e-6 per sample
-    # 2-D isotropic Gaussian: P(|x - mu| > r) = exp(-r^2 / (2 s^2)); r = s gives e^{-1/2}.
-    assert off_mode_fraction(x, t.means, 0.05) == pytest.approx(math.exp(-0.5), abs=0.01)
-    assert off_mode_fraction(torch.zeros(5, 2), t.means, 0.25) == 1.0
-
-
-def test_ring_report_on_exact_samples():
-    t = ring()
-    rep = ring_report(
-        t.sample(4000, generator=torch.Generator().manual_seed(0)),
-        t.means,
-        t.sample(4000, generator=torch.Generator().manual_seed(1)),
-    )
-    assert rep["sw1"] < 0.06 and rep["off"] == 0.0 and len(rep["mode_mass"]) == 8
-    assert 0.10 < rep["min_mode_mass"] <= 0.125 <= rep["max_mode_mass"] < 0.15
-    collapsed = ring_report(t.means[:1].float().repeat(100, 1), t.means, t.sample(400))
-    assert collapsed["max_mode_mass"] == 1.0 and collapsed["min_mode_mass"] == 0.0 and collapsed["sw1"] > 1.0
-
-
 def test_class_coverage():
-    cov = class_coverage(torch.tensor([0, 0, 3, 9]))
-    torch.testing.assert_close(cov, torch.tensor([0.5, 0, 0, 0.25, 0, 0, 0, 0, 0, 0.25], dtype=torch.float64))
+    shares = class_coverage(torch.tensor([0, 0, 3, 9]))
+    torch.testing.assert_close(shares, torch.tensor([0.5, 0, 0, 0.25, 0, 0, 0, 0, 0, 0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         class_coverage(torch.tensor([0, 10]))
 
@@ -365,8 +286,8 @@ def test_digits_reference_is_shipped_cached_and_reproducible(extractor):
     assert ReferenceStats.load(DIGITS_REFERENCE_FILE).sha256 == ref.sha256  # the shipped file is the one used
     fresh = digits_reference_stats(extractor, recompute=True)  # on-the-fly features reproduce the shipped stats
     np.testing.assert_allclose(fresh.mu, ref.mu, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fresh.sigma, ref.sigma, rtol=1e-5, atol=1e-4)
-    assert frechet_distance(fresh.mu, fresh.sigma, ref.mu, ref.sigma) < 1e-3
+    np.testing.assert_allclose(fresh.cov, ref.cov, rtol=1e-5, atol=1e-4)
+    assert frechet_distance(fresh.mu, fresh.cov, ref.mu, ref.cov) < 1e-3
 
 
 def _fid(images: torch.Tensor, extractor: DigitsFeatures) -> float:
@@ -390,8 +311,8 @@ def test_digits_fid_calibration(digits, extractor):
     low = images[labels < 5]
     rec = digits_report(low[torch.randint(0, len(low), (2000,), generator=g)], extractor, seed=0, model="digits 0-4")
     assert rec.fid > 50 and rec.kind == "final"
-    cov = rec.extra["class_coverage"]
-    assert sum(cov[5:]) < 0.01 and all(c > 0.15 for c in cov[:5])
+    shares = rec.extra["class_coverage"]
+    assert sum(shares[5:]) < 0.01 and all(c > 0.15 for c in shares[:5])
 
 
 def test_digits_report_on_real_digits(digits, extractor):
