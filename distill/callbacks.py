@@ -135,7 +135,7 @@ class FIDCallback(L.Callback):
         plt.close(fig)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        k = int(pl_module.iteration)
+        k = pl_module.current_iteration
         if self.every and k % self.every == 0 and k > 0 and trainer.is_global_zero:
             self.evaluate(pl_module, k)
 
@@ -158,7 +158,7 @@ class SampleGridCallback(L.Callback):
         self.nfes = nfes
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        k = int(pl_module.iteration)
+        k = pl_module.current_iteration
         if not (self.every and (k % self.every == 0 or k == pl_module.max_steps)) or not trainer.is_global_zero:
             return
         for nfe in self.nfes:
@@ -185,7 +185,7 @@ class IterationCheckpoint(L.Callback):
         return self.dirpath / "last.ckpt"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        k = int(pl_module.iteration)
+        k = pl_module.current_iteration
         if self.every and k % self.every == 0 and k > 0 and k < pl_module.max_steps:
             trainer.save_checkpoint(self.last, weights_only=False)
 
@@ -201,12 +201,12 @@ class IterationProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, pl_module)
         bar = self.train_progress_bar
         bar.reset(total=pl_module.max_steps)
-        bar.initial = int(pl_module.iteration)
-        bar.n = int(pl_module.iteration)
+        bar.initial = pl_module.current_iteration
+        bar.n = pl_module.current_iteration
         bar.set_description("distill train")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        n = int(pl_module.iteration)
+        n = pl_module.current_iteration
         bar = self.train_progress_bar
         if bar is not None and not bar.disable and (n % self.refresh_rate == 0 or n >= pl_module.max_steps):
             bar.n = n

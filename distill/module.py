@@ -98,6 +98,7 @@ class DistillModule(L.LightningModule):
         self.run_config = config or {}
         self._optims: dict[str, PhaseOptim] = {}
         self._prepared = False
+        self._k = 0  # host mirror of the ``iteration`` buffer: reading a GPU buffer every iteration would synchronise
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
@@ -170,16 +171,22 @@ class DistillModule(L.LightningModule):
         """Run training iteration ``self.iteration`` (:func:`distill.iteration.run_iteration`) and advance the
         counter. Outside a Lightning trainer (scripts, benchmarks) call :meth:`prepare` and
         :meth:`configure_optimizers` first; ``extra_emas`` are further ``AveragedModel`` s of the student to move."""
-        k = int(self.iteration)
+        k = self._k
         torch.manual_seed(stream_seed(self.seed, self.global_rank, k, "iteration"))
         backward = self.manual_backward if self._trainer is not None else None
         logs = run_iteration(k, self.loss, self.student, self.teacher, self.make_batch(k), self.context(k),
                              self._optims, (self.ema, *extra_emas), backward=backward, skipped=self.skipped_steps)
-        self.iteration += 1
+        self._k = k + 1
+        self.iteration.fill_(self._k)
         return logs
 
+    @property
+    def current_iteration(self) -> int:
+        """Iterations done so far (a host integer: callbacks read it every iteration without a device sync)."""
+        return self._k
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        k = int(self.iteration)
+        k = self._k
         if k >= self.max_steps:
             self.trainer.should_stop = True
             return
@@ -198,7 +205,7 @@ class DistillModule(L.LightningModule):
                           "finite", RuntimeWarning, stacklevel=2)
             self._warned_skips = skipped
         main = next((f"{ph}/loss" for ph in self.loss.ema_phases if f"{ph}/loss" in values), None)
-        if main is not None:
+        if main is not None and self._trainer is not None:
             self.log("loss", values[main], prog_bar=True, logger=False)
         values.update(self.sample_statistics())
         values["iteration"] = k
@@ -238,6 +245,8 @@ class DistillModule(L.LightningModule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         full = dict(state_dict)
+        if "iteration" in full:
+            self._k = int(full["iteration"])
         for k, v in self.teacher.state_dict().items():
             full.setdefault(f"teacher.{k}", v)
         return super().load_state_dict(full, strict=strict, assign=assign)
@@ -248,7 +257,7 @@ class DistillModule(L.LightningModule):
             "student_config": self.student.config(),
             "teacher_info": self.teacher.info.to_dict(),
             "sampling": self.sampling.to_dict(),
-            "iteration": int(self.iteration),
+            "iteration": self._k,
             "rng": {"torch": torch.get_rng_state()},
             "format": 2,
         }
@@ -258,14 +267,15 @@ class DistillModule(L.LightningModule):
         if meta is None:
             raise ValueError("checkpoint was not written by distill train (no 'distill' section)")
         check_state_compatible(checkpoint["state_dict"], self.state_dict(), getattr(self, "resume_path", "checkpoint"))
+        self._k = int(checkpoint["state_dict"]["iteration"])
         torch.set_rng_state(meta["rng"]["torch"])
 
     @property
     def progress(self) -> float:
-        return float(self.iteration) / max(1, self.max_steps)
+        return self._k / max(1, self.max_steps)
 
     def on_train_start(self) -> None:
-        if math.isfinite(self.max_steps) and int(self.iteration) >= self.max_steps:
+        if math.isfinite(self.max_steps) and self._k >= self.max_steps:
             self.trainer.should_stop = True
 
 

@@ -150,11 +150,11 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     trainer = make_trainer(cfg, out_dir, callbacks)
     # The frozen teacher is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    start_iteration, t0 = int(module.iteration), time.perf_counter()
+    start_iteration, t0 = module.current_iteration, time.perf_counter()
     trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True if ckpt_path else None)
     train_s = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
-                              "iterations": int(module.iteration), "skipped_steps": int(module.skipped_steps)}
+                              "iterations": module.current_iteration, "skipped_steps": int(module.skipped_steps)}
     if final_eval and scorer is not None and trainer.is_global_zero:
         t1 = time.perf_counter()
         result["eval"] = final_evaluation(module, scorer, cfg, out_dir, fid_cb)
@@ -162,7 +162,7 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     else:
         eval_s = None
     if trainer.is_global_zero:
-        write_run_record(cfg, out_dir, result, int(module.iteration) - start_iteration, train_s, eval_s)
+        write_run_record(cfg, out_dir, result, module.current_iteration - start_iteration, train_s, eval_s)
     return result
 
 
@@ -204,7 +204,7 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
     rows: list[EvalRow] = []
     student = module.ema.module
     conditional = module.conditional
-    step = int(module.iteration)
+    step = module.current_iteration
 
     # The FID callback scores the same samples (same seed, noise, grid and protocol) when its schedule hits the
     # last iteration; its rows are reused rather than generated twice.
@@ -238,9 +238,9 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
             rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", rec["nfe"], seed, rec["score"],
                                 scorer.metric, rec))
     paths = write_table(rows, out_dir, "eval", f"{cfg.name}: {scorer.metric} at fixed NFE "
-                        f"({ev.n_samples} samples, seeds {list(ev.seeds)}, iteration {int(module.iteration)})")
+                        f"({ev.n_samples} samples, seeds {list(ev.seeds)}, iteration {module.current_iteration})")
     table = markdown_table(rows)
-    print(f"\n{cfg.name}: {scorer.metric} at fixed NFE after {int(module.iteration)} iterations "
+    print(f"\n{cfg.name}: {scorer.metric} at fixed NFE after {module.current_iteration} iterations "
           f"({ev.n_samples} samples, seeds {list(ev.seeds)})\n{table}\n")
     (out_dir / "eval_summary.json").write_text(json.dumps({"table": table, "paths": {k: str(v) for k, v in
                                                                                      paths.items()}}, indent=1))

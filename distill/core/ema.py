@@ -1,30 +1,32 @@
-"""EMA policies: one implementation, on ``torch.optim.swa_utils.AveragedModel``, for the student's evaluation EMA and
-for losses' target networks (CD's theta^-).
+"""EMA policies: one implementation, a subclass of ``torch.optim.swa_utils.AveragedModel``, for the student's
+evaluation EMA and for losses' target networks (CD's theta^-).
 
-* ``{"kind": "exp", "decay": mu}``: ``theta_ema <- mu theta_ema + (1 - mu) theta`` (torch's
-  ``get_ema_multi_avg_fn``).
-* ``{"kind": "power", "gamma": g}``: EDM2's power-function EMA (Karras et al. 2024, "Analyzing and Improving the
-  Training Dynamics of Diffusion Models", arXiv:2312.02696, §3.1 eq. 3): after ``t`` updates the decay is
-  ``beta_t = (1 - 1/t)^(g + 1)``, so the average weights the training history by ``t^g`` and its length grows with
-  training instead of being fixed (``sigma_rel`` 0.05-0.10 in the paper is ``g`` ~ 16.97-6.94).
+* ``{"kind": "exp", "decay": mu}``: ``theta_ema <- mu theta_ema + (1 - mu) theta``.
+* ``{"kind": "power", "gamma": g}`` (or ``"sigma_rel"``): EDM2's power-function EMA (Karras et al. 2024, "Analyzing
+  and Improving the Training Dynamics of Diffusion Models", arXiv:2312.02696, §3.1 eq. 3 / Alg. 2): after ``t``
+  updates the decay is ``beta_t = (1 - 1/t)^(g + 1)``, so update ``t`` carries weight ``proportional to ~t^g`` and
+  the averaging window grows with training instead of being fixed (``sigma_rel`` 0.05 is ``g`` = 16.97, 0.10 is 6.94).
 
-The first update copies the network (``n_averaged == 0``); :func:`reset_ema` restarts the average from the current
-weights at the next update (progressive-distillation rounds).
+Both are one lerp ``theta_ema <- theta_ema + w_t (theta - theta_ema)`` whose weight ``w_t`` is a device tensor
+computed from the update counter, with ``w_0 = 1`` (the first update copies). Unlike the stock
+``AveragedModel.update_parameters`` (which branches on ``n_averaged == 0`` in Python), this never reads the counter
+on the host, so an EMA update does not synchronise the GPU. The state dict (``module.*``, ``n_averaged``) is
+``AveragedModel``'s. :func:`reset_ema` restarts the average from the current weights at the next update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from distill.core.registry import ConfigError
 
-__all__ = ["EMA_KINDS", "make_ema", "power_ema_multi_avg_fn", "sigma_rel_to_gamma", "reset_ema", "ema_policy"]
+__all__ = ["EMA", "EMA_KINDS", "make_ema", "sigma_rel_to_gamma", "reset_ema", "ema_policy"]
 
 EMA_KINDS = ("exp", "power")
 
@@ -38,26 +40,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
-def power_ema_multi_avg_fn(gamma: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """``multi_avg_fn`` for ``AveragedModel``: ``ema <- beta_t ema + (1 - beta_t) theta`` with
-    ``beta_t = (1 - 1/t)^(gamma + 1)`` and ``t = num_averaged + 1`` (the first update copies)."""
-
-    @torch.no_grad()
-    def fn(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # beta stays a device tensor: no host synchronisation per update
-        t = num_averaged.to(torch.float32) + 1.0
-        beta = (1.0 - 1.0 / t) ** (gamma + 1.0)
-        torch._foreach_mul_(ema, beta)
-        torch._foreach_add_(ema, torch._foreach_mul(current, 1.0 - beta))
-
-    return fn
-
-
 def ema_policy(spec: float | Mapping[str, Any]) -> dict[str, Any]:
     """Normalise an EMA spec: a float is an exponential decay; a mapping names ``kind`` and its parameter."""
     if isinstance(spec, (int, float)):
         spec = {"kind": "exp", "decay": float(spec)}
-    spec = dict(spec)
+    spec = {k: v for k, v in dict(spec).items() if v is not None}
     kind = spec.get("kind", "exp")
     if kind not in EMA_KINDS:
         raise ConfigError(f"unknown EMA kind {kind!r}; valid kinds: {', '.join(EMA_KINDS)}")
@@ -66,26 +53,58 @@ def ema_policy(spec: float | Mapping[str, Any]) -> dict[str, Any]:
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"EMA decay must lie in [0, 1), got {decay}")
         return {"kind": "exp", "decay": decay}
-    if spec.get("sigma_rel") is not None:
-        gamma = sigma_rel_to_gamma(float(spec["sigma_rel"]))
-    else:
-        gamma = float(spec.get("gamma", 6.94))
+    gamma = sigma_rel_to_gamma(spec["sigma_rel"]) if "sigma_rel" in spec else float(spec.get("gamma", 6.94))
     if gamma <= 0:
         raise ConfigError(f"power EMA gamma must be > 0, got {gamma}")
     return {"kind": "power", "gamma": gamma}
 
 
-def make_ema(module: nn.Module, spec: float | Mapping[str, Any] = 0.999, copy_now: bool = False) -> AveragedModel:
-    """An ``AveragedModel`` of ``module`` (parameters and buffers averaged) under the policy ``spec``.
+class EMA(AveragedModel):
+    """An ``AveragedModel`` whose update weight ``w_t`` (``t`` = updates so far) follows ``policy``
+    (:func:`ema_policy`); parameters and floating buffers are averaged, other buffers copied."""
+
+    def __init__(self, module: nn.Module, policy: Mapping[str, Any]) -> None:
+        super().__init__(module, use_buffers=True)
+        self.policy = dict(policy)
+        self.requires_grad_(False)
+
+    def weight(self, n_averaged: Tensor) -> Tensor:
+        """``w_t`` as a float32 device tensor: 1 at ``t = 0``; then ``1 - mu`` (exp) or
+        ``1 - (1 - 1/(t + 1))^(g + 1)`` (power)."""
+        t = n_averaged.to(torch.float32)
+        if self.policy["kind"] == "power":
+            return 1.0 - (1.0 - 1.0 / (t + 1.0)) ** (self.policy["gamma"] + 1.0)
+        return torch.where(t == 0, 1.0, 1.0 - self.policy["decay"])
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA of a network with {len(mine)} tensors updated from one with {len(theirs)}")
+        floats = [(a, b.detach()) for a, b in zip(mine, theirs) if a.is_floating_point()]
+        for a, b in zip(mine, theirs):
+            if not a.is_floating_point():
+                a.copy_(b)
+        if floats:
+            w = self.weight(self.n_averaged.to(floats[0][0].device))
+            by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+            for a, b in floats:
+                ea, eb = by_dtype.setdefault(a.dtype, ([], []))
+                ea.append(a)
+                eb.append(b.to(a.device))
+            for dtype, (ea, eb) in by_dtype.items():
+                torch._foreach_lerp_(ea, eb, w.to(dtype))
+        self.n_averaged += 1
+
+
+def make_ema(module: nn.Module, spec: float | Mapping[str, Any] = 0.999, copy_now: bool = False) -> EMA:
+    """An :class:`EMA` of ``module`` under the policy ``spec``.
 
     ``copy_now=True`` performs the first (copying) update immediately, so the average starts at ``module``'s current
     weights rather than at its first post-step weights (CD's target network starts as the initial student).
     """
-    policy = ema_policy(spec)
-    fn = get_ema_multi_avg_fn(policy["decay"]) if policy["kind"] == "exp" else power_ema_multi_avg_fn(
-        policy["gamma"])
-    ema = AveragedModel(module, multi_avg_fn=fn, use_buffers=True)
-    ema.requires_grad_(False)
+    ema = EMA(module, ema_policy(spec))
     if copy_now:
         ema.update_parameters(module)
     return ema
@@ -94,3 +113,4 @@ def make_ema(module: nn.Module, spec: float | Mapping[str, Any] = 0.999, copy_no
 def reset_ema(ema: AveragedModel) -> None:
     """Restart the average: the next ``update_parameters`` copies the network."""
     ema.n_averaged.zero_()
+
