@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.core.data import save_grid
-from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher
+from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher, rows_label
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -49,7 +49,8 @@ class FIDCallback(L.Callback):
     """Every ``every`` iterations, score the EMA student at each NFE with the same protocol as ``distill eval``.
 
     The teacher's reference row (``reference_sampler`` at ``reference_nfe``) is computed once, at the first
-    evaluation. Writes ``fid_vs_step.{json,md,png}`` in ``out_dir``; in-training numbers are labelled ``proxy``.
+    evaluation. Writes ``fid_vs_step.{json,md,png}`` in ``out_dir``; the table's title line and the plot's y axis
+    carry the records' protocol label (proxy or final follows from the sample count and the reference size).
     """
 
     def __init__(self, scorer: Scorer, out_dir: str | Path, every: int, nfes: list[int], n_samples: int,
@@ -106,9 +107,10 @@ class FIDCallback(L.Callback):
             cells = {r.nfe: r.score for r in self.rows if r.model == f"student@{s}"}
             lines.append(f"| {s} | " + " | ".join(f"{cells[k]:.4g}" if k in cells else "–" for k in self.nfes) + " |")
         ref = self.reference[0] if self.reference else None
-        head = (f"Teacher reference: {ref.sampler} @ {ref.nfe} NFE = {ref.score:.4g} ({self.scorer.metric}, "
-                f"{self.n} samples, seed {self.seed}; in-training numbers are proxy).\n\n") if ref else ""
-        (self.out_dir / "fid_vs_step.md").write_text(head + "\n".join(lines) + "\n")
+        title = f"# {self.scorer.metric} vs iteration — {rows_label(self.rows or self.reference)}\n\n"
+        head = (f"Teacher reference: {ref.sampler} @ {ref.nfe} NFE = {ref.score:.4g} ({ref.record.get('label')}, "
+                f"seed {self.seed}).\n\n") if ref else ""
+        (self.out_dir / "fid_vs_step.md").write_text(title + head + "\n".join(lines) + "\n")
         self._plot(steps)
 
     def _plot(self, steps: list[int]) -> None:
@@ -127,7 +129,7 @@ class FIDCallback(L.Callback):
                        label=f"teacher {self.reference[0].sampler} @ {self.reference[0].nfe} NFE")
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
-        ax.set_ylabel(f"{self.scorer.metric} (proxy)")
+        ax.set_ylabel(rows_label(self.rows or self.reference).replace("; ", "\n"), fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.evaluate import build_scorer, teacher_table, write_table
+    from distill.evaluate import markdown_table, scorer_from_config, teacher_table, write_table
 
     cfg = _cfg(args)
     ev = cfg.eval
@@ -105,22 +105,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from teachers import build_teacher
 
     teacher = build_teacher(to_container(cfg.teacher))
-    scorer = build_scorer(teacher, ev.features, ev.inception_path, ev.kind)
+    scorer = scorer_from_config(teacher, ev)
     rows = teacher_table(teacher, scorer, list(ev.samplers), list(ev.grids), list(ev.teacher_nfe), list(ev.seeds),
                          ev.n_samples, ev.reference_nfe, ev.reference_sampler, list(ev.diffusers_samplers),
                          ev.guidance, ev.batch_size)
     out = Path(args.out or Path(cfg.out_dir) / "eval_teacher")
-    title = (f"{cfg.teacher.get('name')}: {scorer.metric} vs NFE ({ev.n_samples} samples, seeds {list(ev.seeds)}, "
-             f"{ev.kind})")
+    # The table's title line adds the protocol label (measure, proxy/final, sample count, reference set).
+    title = f"{cfg.teacher.get('name')}: {scorer.metric} vs NFE (seeds {list(ev.seeds)})"
     paths = write_table(rows, out, "teacher_solvers", title)
-    from distill.evaluate import markdown_table
-
-    print(f"\n{title}\n{markdown_table(rows)}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
+    print(f"\n{markdown_table(rows, title)}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
 def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
-    from distill.evaluate import EvalRow, build_scorer, generate_student, markdown_table, write_table
+    from distill.evaluate import EvalRow, generate_student, markdown_table, scorer_from_config, write_table
     from distill.export import export_plan, load_exported
     from teachers import build_teacher
 
@@ -132,7 +130,7 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
     from distill.config import to_container
 
     teacher = build_teacher(to_container(cfg.teacher))
-    scorer = build_scorer(teacher, ev.features, ev.inception_path, ev.kind)
+    scorer = scorer_from_config(teacher, ev)
     rows = []
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
@@ -143,8 +141,9 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
             rows.append(EvalRow("exported student", "student", "exported", nfe, seed, rec["score"], scorer.metric,
                                 rec))
     out = Path(args.out or args.student)
-    write_table(rows, out, "eval_exported", f"exported student: {scorer.metric} at fixed NFE")
-    print(markdown_table(rows))
+    title = f"exported student: {scorer.metric} at fixed NFE (seeds {list(ev.seeds)})"
+    write_table(rows, out, "eval_exported", title)
+    print(markdown_table(rows, title))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The top level and the fixed sections (``data``, ``trainer``, ``eval``, ``optim.*``) are OmegaConf structured
 configs, so an unknown key fails at load time. The ``teacher``, ``student`` and ``loss`` sections are free mappings
-whose keys are the constructor arguments of the named component (style.md §8): they are checked against the
+whose keys are the constructor arguments of the named component (docs/design.md §2.2): they are checked against the
 constructor signature when the component is built. Every error is one line that names the bad key and the valid ones.
 """
 
@@ -74,6 +74,7 @@ class TrainerConfig:
     grid_every: int = 500
     progress_bar: bool = True
     num_threads: int | None = None  # torch.set_num_threads on CPU
+    nonfinite_rows: str = "skip"  # a loss reporting NaN/Inf sample rows: skip the phase's step, or drop the rows
 
 
 @dataclass
@@ -86,8 +87,11 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 1000
     features: str = "auto"  # auto | digits | inception | flatten
-    inception_path: str | None = None
-    kind: str = "proxy"  # proxy | final
+    inception_path: str | None = None  # local inception-2015-12-05.pt or its folder; else $DISTILL_INCEPTION_WEIGHTS
+    # reference statistics: a clean-fid .npz (mu, sigma), a distill ReferenceStats .npz or a folder of images;
+    # null = the shipped digits statistics (digits features only). A number's proxy/final kind follows from its
+    # sample count and the reference size (distill.fid.protocol_kind), never from the config.
+    reference: str | None = None
     # teacher solvers for the FID-vs-NFE table of `distill eval`
     samplers: list[str] = field(default_factory=lambda: ["euler", "heun", "dpmpp_2m", "unipc"])
     grids: list[str] = field(default_factory=lambda: ["karras", "logsnr"])

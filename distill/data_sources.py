@@ -26,7 +26,8 @@ from torch import Tensor
 from distill.core.data import build_dataset
 from distill.core.pairs import teacher_ode_pairs
 from distill.core.registry import ConfigError, Registry, check_kwargs
-from losses.base import DataSpec, stream_seed
+from distill.core.streams import stream_seed
+from losses.base import DataSpec
 
 __all__ = ["DATA_SOURCES", "build_providers", "TeacherPairCache", "Provider"]
 

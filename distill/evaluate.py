@@ -3,7 +3,7 @@
 * Image teachers: FID on a feature extractor (the shipped digits classifier for 8x8 digits, Inception from a local
   file otherwise), every number a :class:`distill.fid.FIDRecord` carrying its protocol.
 * Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
-  off-mode fraction (shared/benchmarks.md "Ring", :mod:`distill.distances`), in a record of the same shape.
+  off-mode fraction (docs/methods.md §4.4 "Ring", :mod:`distill.distances`), in a record of the same shape.
 
 NFE is *measured* by wrapping the network (:func:`distill.core.nfe.count_nfe`), and the measured value is what is
 recorded.
@@ -26,15 +26,16 @@ from tqdm.auto import tqdm
 from distill.core.nfe import count_nfe
 from distill.core.samplers import get_sampler, steps_for_nfe
 from distill.core.schedules import make_grid
+from distill.core.streams import generator
 from distill.diffusers_bridge import make_scheduler, sample_diffusers
 from distill.distances import ring_report
 from distill.features import build_features
-from distill.fid import class_coverage, compute_fid, digits_reference_stats
+from distill.fid import class_coverage, compute_fid, load_reference, protocol_kind, protocol_label
 from students import SamplingPlan, sample_student
 from teachers.analytic import GaussianMixtureTeacher
 
-__all__ = ["Scorer", "build_scorer", "generate_teacher", "generate_student", "EvalRow",
-           "teacher_table", "write_table"]
+__all__ = ["Scorer", "FIDScorer", "RingScorer", "build_scorer", "scorer_from_config", "generate_teacher",
+           "generate_student", "EvalRow", "teacher_table", "rows_label", "markdown_table", "write_table"]
 
 
 @dataclass
@@ -52,7 +53,11 @@ class EvalRow:
 
 
 class Scorer:
-    """Scores a batch of samples against the teacher's data; ``metric`` names the number (``fid`` or ``sw1``)."""
+    """Scores a batch of samples against the teacher's data; ``metric`` names the number (``fid`` or ``sw1``).
+
+    Every record it returns carries ``kind`` (:func:`distill.fid.protocol_kind` of its sample count and reference
+    size) and a one-line ``label`` naming the measure, the sample count and the reference set.
+    """
 
     metric: str = "fid"
 
@@ -61,21 +66,25 @@ class Scorer:
 
 
 class FIDScorer(Scorer):
+    """FID on ``features`` against the reference statistics ``reference`` (see :func:`distill.fid.load_reference`).
+
+    Args:
+        features: ``digits``, ``inception`` or ``flatten``.
+        inception_path: the local ``inception-2015-12-05.pt`` (or its folder); else ``$DISTILL_INCEPTION_WEIGHTS``.
+        reference: a clean-fid ``.npz`` (``mu``, ``sigma``), a :class:`~distill.fid.ReferenceStats` ``.npz`` or a
+            folder of images; ``None`` means the shipped digits statistics (digits features only).
+    """
+
     metric = "fid"
 
-    def __init__(self, features: str = "digits", inception_path: str | None = None, kind: str = "proxy") -> None:
+    def __init__(self, features: str = "digits", inception_path: str | None = None,
+                 reference: str | None = None) -> None:
         kw = {"weights_path": inception_path} if features == "inception" else {}
         self.extractor = build_features(features, **kw)
-        if features != "digits":
-            raise NotImplementedError(
-                "FID reference statistics are built in for the digits only; for other data compute ReferenceStats "
-                "from your data folder with distill.fid.ReferenceStats.from_features and pass them explicitly"
-            )
-        self.reference = digits_reference_stats(self.extractor)
-        self.kind = kind
+        self.reference = load_reference(reference, self.extractor)
 
     def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
-        rec = compute_fid(samples, self.reference, self.extractor, kind=self.kind, **protocol)
+        rec = compute_fid(samples, self.reference, self.extractor, **protocol)
         out = rec.to_dict()
         if hasattr(self.extractor, "predict"):
             labels = self.extractor.predict(samples)
@@ -86,7 +95,11 @@ class FIDScorer(Scorer):
 
 
 class RingScorer(Scorer):
-    """Exact-teacher scorer for Gaussian mixtures (sliced W1 to a fixed exact set, mode mass, off-mode fraction)."""
+    """Exact-teacher scorer for Gaussian mixtures (sliced W1 to a fixed exact set, mode mass, off-mode fraction).
+
+    Its reference is a fixed set of ``n_reference`` exact samples, so a number is ``final`` from that many samples
+    on (:func:`distill.fid.protocol_kind`), e.g. ``"sliced W1, final (10,000 samples vs 10,000 exact)"``.
+    """
 
     metric = "sw1"
 
@@ -99,21 +112,34 @@ class RingScorer(Scorer):
     def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
         rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference)
         rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
-        return {"score": float(rep["sw1"]), "metric": "sw1", "n_samples": int(samples.shape[0]),
-                "reference": {"source": "exact teacher samples", "n": int(self.reference.shape[0]),
-                              "seed": self.reference_seed}, **rep, **protocol}
+        n, n_ref = int(samples.shape[0]), int(self.reference.shape[0])
+        name = f"{n_ref:,} exact"
+        return {"score": float(rep["sw1"]), "metric": "sw1", "n_samples": n,
+                "reference": {"source": "exact teacher samples", "n": n_ref, "seed": self.reference_seed,
+                              "name": name},
+                "kind": protocol_kind(n, n_ref), "label": protocol_label("sliced W1", n, n_ref, name),
+                **rep, **protocol}
 
 
 def build_scorer(teacher: Any, features: str = "auto", inception_path: str | None = None,
-                 kind: str = "proxy") -> Scorer:
-    """Pick the metric for a teacher: exact ring metrics for mixtures, digits FID for 8x8 digits, else Inception."""
+                 reference: str | None = None) -> Scorer:
+    """Pick the metric for a teacher: exact ring metrics for mixtures, digits FID for 8x8 digits, else Inception.
+
+    ``inception_path`` and ``reference`` are those of :class:`FIDScorer` (``eval.inception_path``,
+    ``eval.reference``); the ring metrics ignore them.
+    """
     if features == "auto":
         if isinstance(teacher, GaussianMixtureTeacher) and len(teacher.data_shape) == 1:
             return RingScorer(teacher)
         features = "digits" if tuple(teacher.data_shape) == (1, 8, 8) else "inception"
     if features in ("sw1", "ring"):
         return RingScorer(teacher)
-    return FIDScorer(features, inception_path, kind)
+    return FIDScorer(features, inception_path, reference)
+
+
+def scorer_from_config(teacher: Any, ev: Any) -> Scorer:
+    """:func:`build_scorer` from an ``eval`` config section (``features``, ``inception_path``, ``reference``)."""
+    return build_scorer(teacher, ev.features, ev.inception_path, ev.reference)
 
 
 def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond: Tensor | None,
@@ -125,10 +151,21 @@ def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond:
     return torch.cat(outs)
 
 
+EVAL_STREAMS = ("noise", "labels", "renoise")
+
+
+def eval_generator(seed: int, purpose: str) -> torch.Generator:
+    """The evaluation stream of sampling seed ``seed`` for ``purpose`` (``noise``: initial noise, ``labels``: class
+    labels, ``renoise``: a sampler's fresh noise). Independent for every (seed, purpose) (``distill.core.streams``);
+    teacher and student rows of one seed share their initial noise and labels (paired comparisons)."""
+    if purpose not in EVAL_STREAMS:
+        raise ValueError(f"unknown evaluation stream {purpose!r}; valid: {', '.join(EVAL_STREAMS)}")
+    return generator(int(seed), "eval", purpose)
+
+
 def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None) -> tuple[Tensor, Tensor | None]:
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *shape), generator=g)
-    cond = torch.randint(0, num_classes, (n,), generator=g) if num_classes else None
+    noise = torch.randn((n, *shape), generator=eval_generator(seed, "noise"))
+    cond = torch.randint(0, num_classes, (n,), generator=eval_generator(seed, "labels")) if num_classes else None
     return noise, cond
 
 
@@ -140,18 +177,19 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
     Returns ``(samples, measured_nfe)``.
     """
     noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes)
+    renoise = eval_generator(seed, "renoise")
     den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
     if diffusers:
         def run(z: Tensor, c: Tensor | None) -> Tensor:
             sched = make_scheduler(sampler, karras=(grid == "karras"))
-            return sample_diffusers(den, z, sched, nfe, cond=c)
+            return sample_diffusers(den, z, sched, nfe, cond=c, generator=renoise)
     else:
         fn = get_sampler(sampler)
         steps = steps_for_nfe(sampler, nfe)
         sigmas = make_grid(grid, steps, teacher.sigma_min, teacher.sigma_max)
 
         def run(z: Tensor, c: Tensor | None) -> Tensor:
-            return fn(den, z, sigmas, c)
+            return fn(den, z, sigmas, c, generator=renoise)  # stochastic solvers draw from the seed's own stream
 
     with count_nfe(teacher) as counter:
         x = _batched(run, noise, cond, batch_size)
@@ -169,7 +207,7 @@ def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan:
     plan = plan or SamplingPlan()
     sigmas = plan.sigmas(nfe, student.sigma_max)
     noise, cond = _noise(student.data_shape, n, seed, num_classes)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = eval_generator(seed, "renoise")
     was_training = student.training
     student.eval()
     with count_nfe(student, "x0_estimate") as counter:
@@ -214,7 +252,7 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
     if isinstance(scorer, RingScorer):
         # The noise floor: fresh exact sample sets scored against the same fixed reference set.
         for seed in seeds:
-            x = teacher.sample(n, generator=torch.Generator().manual_seed(10_000 + seed))
+            x = teacher.sample(n, generator=generator(int(seed), "eval", "exact-floor"))
             rec = scorer(x, nfe=0, sampler="exact samples", grid="-", guidance=1.0, seed=seed, model="exact")
             rows.append(EvalRow("exact (noise floor)", "exact samples", "-", 0, seed, rec["score"], scorer.metric, rec))
     return rows
@@ -235,16 +273,25 @@ def summarise(rows: list[EvalRow]) -> dict[tuple[str, str, str], dict[int, tuple
     return out
 
 
-def markdown_table(rows: list[EvalRow]) -> str:
-    """Rows = (model, sampler, grid); columns = every NFE measured; cells = mean ± sd over seeds."""
+def rows_label(rows: list[EvalRow]) -> str:
+    """The one-line protocol label of ``rows`` (``record["label"]``, e.g. ``"digits-classifier FID, final (2,000
+    samples vs 1,797 real digits)"``); distinct labels are joined with ``"; "``, in order of first appearance."""
+    labels = list(dict.fromkeys(str(r.record.get("label") or r.metric) for r in rows))
+    return "; ".join(labels)
+
+
+def markdown_table(rows: list[EvalRow], title: str = "") -> str:
+    """A title line ``# <title> — <protocol label>`` (:func:`rows_label`), then the table: rows = (model, sampler,
+    grid); columns = every NFE measured; cells = mean ± sd over seeds."""
     if not rows:
         return ""
+    label = rows_label(rows)
     summary = summarise(rows)
     nfes = sorted({r.nfe for r in rows})
     metric = rows[0].metric
     head = "| model | sampler | grid | " + " | ".join(f"{metric} @ NFE {k}" for k in nfes) + " |"
     sep = "|" + "---|" * (3 + len(nfes))
-    lines = [head, sep]
+    lines = [f"# {title} — {label}" if title else f"# {label}", "", head, sep]
     for (model, sampler, grid), by_nfe in summary.items():
         cells = []
         for k in nfes:
@@ -275,7 +322,7 @@ def plot_rows(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
-    ax.set_ylabel(rows[0].metric if rows else "")
+    ax.set_ylabel(rows_label(rows).replace("; ", "\n") if rows else "", fontsize=8)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -285,11 +332,12 @@ def plot_rows(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
 
 
 def write_table(rows: list[EvalRow], out_dir: str | Path, stem: str = "eval", title: str = "") -> dict[str, Path]:
-    """Write ``<stem>.json`` (every record), ``<stem>.md`` (mean ± sd table) and ``<stem>.png`` (plot)."""
+    """Write ``<stem>.json`` (every record), ``<stem>.md`` (mean ± sd table under a title line that carries the
+    protocol label) and ``<stem>.png`` (plot, the label on its y axis)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     paths["json"].write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
-    paths["md"].write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    paths["md"].write_text(markdown_table(rows, title) + "\n")
     plot_rows(rows, paths["png"], title)
     return paths

@@ -1,4 +1,4 @@
-"""``distill export``: a distilled student as a folder that stands alone (design.md §5).
+"""``distill export``: a distilled student as a folder that stands alone (docs/design.md §5).
 
 The folder holds
 

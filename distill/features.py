@@ -3,13 +3,14 @@
 Every extractor maps images ``[B, C, H, W]`` in ``[-1, 1]`` (or low-dimensional points ``[B, D]`` for
 :class:`FlattenFeatures`) to features ``[B, D]`` in float64, and names itself with :meth:`FeatureExtractor.describe`
 (``"<name>@<version>"``, the version being a hash of its weights) so that an FID is only ever compared against
-reference statistics computed with the very same network (design.md §3 "Metric").
+reference statistics computed with the very same network (docs/design.md §3.6).
 
 * ``digits`` -- :class:`DigitsFeatures`: the 64-d penultimate ReLU layer of a small CNN trained on scikit-learn's
   8x8 digits by ``scripts/train_classifier.py``; weights ship in ``distill/assets`` as safetensors + JSON.
 * ``inception`` -- :class:`InceptionFeatures`: clean-fid's torchscript Inception (``inception-2015-12-05.pt``), only
   from a local path; images are quantised to 8-bit levels, made 3-channel and resized to 299x299 with clean-fid's
-  "clean" resizer (PIL bicubic on float images).
+  "clean" resizer (PIL bicubic on float images), then fed to the network exactly as clean-fid's ``InceptionV3W``
+  does in "clean" mode.
 * ``flatten`` -- :class:`FlattenFeatures`: the raw coordinates, for 2-D data and tests.
 
 Nothing here downloads anything, and nothing is unpickled: weights are safetensors (or TorchScript for Inception).
@@ -86,12 +87,14 @@ class FeatureExtractor:
     """Base class: ``extractor(images) -> [B, dim]`` float64 features, computed in batches without gradients.
 
     Subclasses set ``name`` and ``dim`` and implement :meth:`_features` on one batch; ``version`` identifies the
-    weights (e.g. a hash prefix) and :meth:`describe` is the string every FID record and reference carries.
+    weights (e.g. a hash prefix) and :meth:`describe` is the string every FID record and reference carries;
+    ``batch_size`` is the default number of images per network call.
     """
 
     name: str = ""
     dim: int = 0
     version: str = ""
+    batch_size: int = 500
 
     def _features(self, images: Tensor) -> Tensor:
         raise NotImplementedError
@@ -103,9 +106,10 @@ class FeatureExtractor:
         """``"<name>@<version>"`` (or just the name when the extractor has no weights)."""
         return f"{self.name}@{self.version}" if self.version else self.name
 
-    def __call__(self, images: Tensor, batch_size: int = 500) -> Tensor:
+    def __call__(self, images: Tensor, batch_size: int | None = None) -> Tensor:
         """Features of ``images: [B, C, H, W]`` in ``[-1, 1]``. Returns ``[B, dim]`` float64 on the CPU."""
         self._validate(images)
+        batch_size = self.batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = []
@@ -247,26 +251,25 @@ class DigitsFeatures(FeatureExtractor):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_INCEPTION_HOW = (
+    f"provide clean-fid's '{INCEPTION_FILENAME}' (the file clean-fid itself downloads) through eval.inception_path, "
+    f"InceptionFeatures(weights_path=...) or {INCEPTION_ENV_VAR}=/path/to/{INCEPTION_FILENAME} (nothing is downloaded)"
+)
+
+
 def _resolve_inception_path(weights_path: str | os.PathLike[str] | None) -> Path:
     """The local Inception file from the argument, else ``$DISTILL_INCEPTION_WEIGHTS``; a directory may hold it."""
-    source = "argument weights_path"
-    if weights_path is None:
+    source = "weights_path / eval.inception_path"
+    if weights_path is None or str(weights_path) == "":
         weights_path = os.environ.get(INCEPTION_ENV_VAR) or None
         source = f"${INCEPTION_ENV_VAR}"
     if weights_path is None:
-        raise FileNotFoundError(
-            f"Inception weights not found: need clean-fid's '{INCEPTION_FILENAME}' on disk; pass "
-            f"InceptionFeatures(weights_path='/path/to/{INCEPTION_FILENAME}') or set "
-            f"{INCEPTION_ENV_VAR}=/path/to/{INCEPTION_FILENAME} (nothing is downloaded)"
-        )
+        raise FileNotFoundError(f"Inception weights not given: {_INCEPTION_HOW}")
     path = Path(weights_path).expanduser()
     if path.is_dir():
         path = path / INCEPTION_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Inception weights not found at {path} (from {source}): need clean-fid's '{INCEPTION_FILENAME}'; "
-            f"pass InceptionFeatures(weights_path=...) or set {INCEPTION_ENV_VAR} to the file (nothing is downloaded)"
-        )
+        raise FileNotFoundError(f"Inception weights not found at {path} (from {source}): {_INCEPTION_HOW}")
     return path
 
 
@@ -288,6 +291,15 @@ def _to_uint8_levels(images: Tensor, quantize: bool) -> np.ndarray:
 class InceptionFeatures(FeatureExtractor):
     """2048-d pool features of clean-fid's torchscript Inception-v3, in clean-fid's "clean" mode.
 
+    Per image, as clean-fid's ``get_model_features``/folder path in "clean" mode: ``[-1, 1]`` -> ``[0, 255]``
+    (rounded to 8-bit levels unless ``quantize=False``), grey replicated to 3 channels, each channel resized to
+    299x299 by ``cleanfid.resize.build_resizer("clean")`` (PIL bicubic on float32, clipped to ``[0, 255]``); the batch
+    ``[B, 3, 299, 299]`` then goes through ``InceptionV3W.forward`` with ``resize_inside=False``:
+    ``base.layers.forward((x - 128) / 128).view(B, -1)``. (The file's own ``forward(x, return_features=True)`` is
+    clean-fid's "legacy_tensorflow" path, which resizes inside the network; "clean" mode does not call it.) The
+    feature width is read from the network's output: 2048 for clean-fid's file; a stand-in network of another
+    width (tests) is measured the same way.
+
     Args:
         weights_path: the local ``inception-2015-12-05.pt`` (or a folder holding it); if ``None``, the path in
             ``$DISTILL_INCEPTION_WEIGHTS``. A missing file raises :class:`FileNotFoundError`; nothing is downloaded.
@@ -297,6 +309,7 @@ class InceptionFeatures(FeatureExtractor):
 
     name = "inception"
     dim = 2048
+    batch_size = 50  # 50 x 3 x 299 x 299 float32 inputs and their activations stay well under a few GB
 
     def __init__(
         self,
@@ -314,6 +327,8 @@ class InceptionFeatures(FeatureExtractor):
         self.resize = build_resizer("clean")  # PIL bicubic to 299x299 on float32, no quantisation after
         self.quantize = quantize
         self.version = file_sha256(path)[:12]
+        self.path = path
+        self._width: int | None = None
 
     def _validate(self, images: Tensor) -> None:
         _check_images(images, "InceptionFeatures", channels=(1, 3))
@@ -322,8 +337,14 @@ class InceptionFeatures(FeatureExtractor):
         hwc = _to_uint8_levels(images, self.quantize)
         resized = np.stack([self.resize(img) for img in hwc])  # [B, 299, 299, 3] in [0, 255]
         x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(self.device)
-        # clean-fid "clean" mode: the network's own normalisation (x - 128) / 128 on already-resized input.
-        return self.model.layers.forward((x - 128.0) / 128.0).reshape(x.shape[0], self.dim)
+        # clean-fid "clean" mode (InceptionV3W, resize_inside=False): the network's own normalisation on input that
+        # is already 299x299, then its pool features.
+        feats = self.model.layers.forward((x - 128) / 128).reshape(x.shape[0], -1)
+        if self._width is None:
+            self._width = self.dim = int(feats.shape[1])
+        elif feats.shape[1] != self._width:
+            raise ValueError(f"InceptionFeatures: {self.path} gave {feats.shape[1]} features, earlier {self._width}")
+        return feats
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from distill.core.ema import reset_ema
 from distill.core.registry import ConfigError
-from losses.base import Batch, DistillLoss, StepContext
+from losses.base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 
 __all__ = ["PhaseOptim", "run_iteration", "build_phase_optim", "LRSchedule", "LR_DECAYS", "apply_round_start"]
 
 LR_DECAYS = ("none", "cosine", "linear")
+ROW_POLICIES = ("skip", "drop")  # a phase whose loss reports non-finite rows: skip its step, or keep the other rows
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 _FUSED = ("adam", "adamw")  # optimizers with a fused kernel that honours ``found_inf``
 
@@ -153,8 +154,8 @@ def apply_round_start(k: int, loss: DistillLoss, student: nn.Module, teacher: nn
 
 def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Module, batch: Batch,
                   ctx: StepContext, optims: Mapping[str, PhaseOptim], emas: Sequence[Any] = (),
-                  backward: Callable[[Tensor], None] | None = None, skipped: Tensor | None = None
-                  ) -> dict[str, Tensor | float]:
+                  backward: Callable[[Tensor], None] | None = None, skipped: Tensor | None = None,
+                  nonfinite: Tensor | None = None, row_policy: str = "skip") -> dict[str, Tensor | float]:
     """Run iteration ``k``'s phases. Returns logged values (device tensors; floats for learning rates).
 
     Args:
@@ -166,7 +167,11 @@ def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Mod
         emas: the student's ``AveragedModel`` s (the run's evaluation EMA, plus any a sweep tracks).
         backward: how to back-propagate (Lightning's ``manual_backward``; default ``Tensor.backward``).
         skipped: a long device counter incremented (on the device) for each skipped phase.
+        nonfinite: a long device counter of the rows losses reported as non-finite (``NONFINITE_ROWS``).
+        row_policy: ``"skip"`` a phase step whose loss reports non-finite rows, or ``"drop"`` only those rows.
     """
+    if row_policy not in ROW_POLICIES:
+        raise ConfigError(f"unknown trainer.nonfinite_rows {row_policy!r}; valid: {', '.join(ROW_POLICIES)}")
     backward = backward or Tensor.backward
     apply_round_start(k, loss, student, teacher, ctx, optims, emas)
     logs: dict[str, Tensor | float] = {}
@@ -179,7 +184,14 @@ def run_iteration(k: int, loss: DistillLoss, student: nn.Module, teacher: nn.Mod
         all_reduce_grads(po.params)
         norms = _group_norms(po.groups, value)
         total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
-        found_inf = (~torch.isfinite(total) | ~torch.isfinite(value.detach())).float()
+        bad_rows = terms.get(NONFINITE_ROWS)
+        found = ~torch.isfinite(total) | ~torch.isfinite(value.detach())
+        if bad_rows is not None:
+            if nonfinite is not None:
+                nonfinite += bad_rows.detach().to(nonfinite.dtype)
+            if row_policy == "skip":
+                found = found | (bad_rows.detach() > 0)
+        found_inf = found.float()
         if po.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(po.params, po.grad_clip, total, foreach=True)
         if po.fused:

@@ -1,4 +1,4 @@
-"""``DistillModule``: the Lightning system that holds a frozen teacher, a student, its EMA and a loss (design.md §4).
+"""``DistillModule``: the Lightning system holding a frozen teacher, a student, its EMA and a loss (docs/design.md §4).
 
 It composes, never specialises: the loss declares its phases, their schedule, each phase's parameter groups, the
 phases that move the EMA, its data, its sampling plan and its rounds (``losses/base.py``); the module places
@@ -26,9 +26,10 @@ from torch.utils.data import IterableDataset
 
 from distill.core.ema import make_ema
 from distill.core.registry import ConfigError
+from distill.core.streams import stream_seed
 from distill.data_sources import build_providers
 from distill.iteration import PhaseOptim, build_phase_optim, run_iteration
-from losses.base import Batch, DistillLoss, StepContext, stream_seed
+from losses.base import Batch, DistillLoss, StepContext
 from students.sampling import SamplingPlan
 
 __all__ = ["DistillModule", "IterationStream", "resolve_sampling"]
@@ -64,12 +65,13 @@ class DistillModule(L.LightningModule):
         seed: base seed.
         log_every: logging period in iterations.
         sampling: config overrides of the sampling plan (``gamma``, ``floor``, ``levels``).
+        nonfinite_rows: guard policy for losses that report NaN/Inf rows (``"skip"`` the step or ``"drop"`` them).
         config: the resolved run config (saved in checkpoints as plain data).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: DistillLoss, optim: Mapping[str, Any],
                  data: Mapping[str, Any] | None = None, ema: Any = 0.999, max_steps: int = 1000, seed: int = 0,
-                 log_every: int = 50, sampling: Mapping[str, Any] | None = None,
+                 log_every: int = 50, sampling: Mapping[str, Any] | None = None, nonfinite_rows: str = "skip",
                  config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -101,6 +103,8 @@ class DistillModule(L.LightningModule):
         self._k = 0  # host mirror of the ``iteration`` buffer: reading a GPU buffer every iteration would synchronise
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.long))
+        self.row_policy = nonfinite_rows
 
     # -- placement and setup -----------------------------------------------------------------------------------
     @property
@@ -175,7 +179,8 @@ class DistillModule(L.LightningModule):
         torch.manual_seed(stream_seed(self.seed, self.global_rank, k, "iteration"))
         backward = self.manual_backward if self._trainer is not None else None
         logs = run_iteration(k, self.loss, self.student, self.teacher, self.make_batch(k), self.context(k),
-                             self._optims, (self.ema, *extra_emas), backward=backward, skipped=self.skipped_steps)
+                             self._optims, (self.ema, *extra_emas), backward=backward, skipped=self.skipped_steps,
+                             nonfinite=self.nonfinite_rows, row_policy=self.row_policy)
         self._k = k + 1
         self.iteration.fill_(self._k)
         return logs
@@ -199,17 +204,19 @@ class DistillModule(L.LightningModule):
     def _log(self, k: int, logs: Mapping[str, Tensor | float]) -> None:
         """Fetch the logged values (the only host reads of an iteration) and hand them to the loggers."""
         values = {name: float(v) for name, v in logs.items()}
-        skipped = int(self.skipped_steps)
-        if skipped > getattr(self, "_warned_skips", 0):
-            warnings.warn(f"iteration {k}: {skipped} phase step(s) skipped so far because a loss or gradient was not "
-                          "finite", RuntimeWarning, stacklevel=2)
-            self._warned_skips = skipped
+        skipped, rows = int(self.skipped_steps), int(self.nonfinite_rows)
+        if (skipped, rows) > getattr(self, "_warned", (0, 0)):
+            warnings.warn(f"iteration {k}: {skipped} phase step(s) skipped so far because a loss, a gradient or "
+                          f"{rows} sample row(s) were not finite (trainer.nonfinite_rows: {self.row_policy})",
+                          RuntimeWarning, stacklevel=2)
+            self._warned = (skipped, rows)
         main = next((f"{ph}/loss" for ph in self.loss.ema_phases if f"{ph}/loss" in values), None)
         if main is not None and self._trainer is not None:
             self.log("loss", values[main], prog_bar=True, logger=False)
         values.update(self.sample_statistics())
         values["iteration"] = k
         values["skipped_steps"] = float(skipped)
+        values["nonfinite_rows"] = float(rows)
         if self.logger is not None:
             self.logger.log_metrics(values, step=k)
 
@@ -247,6 +254,7 @@ class DistillModule(L.LightningModule):
         full = dict(state_dict)
         if "iteration" in full:
             self._k = int(full["iteration"])
+        full.setdefault("nonfinite_rows", torch.zeros_like(self.nonfinite_rows))  # a counter older runs lack
         for k, v in self.teacher.state_dict().items():
             full.setdefault(f"teacher.{k}", v)
         return super().load_state_dict(full, strict=strict, assign=assign)

@@ -1,4 +1,4 @@
-"""What every published number carries: where and how it was measured (shared/benchmarks.md; issue "evaluation
+"""What every published number carries: where and how it was measured (docs/design.md §3.6; issue "evaluation
 you can trust"). ``run_environment()`` is stamped into every record a ``distill`` command or benchmark script writes.
 """
 

@@ -54,6 +54,7 @@ def build_module(cfg: DictConfig) -> Any:
     ema = {k: v for k, v in to_container(cfg.ema).items() if v is not None}
     return DistillModule(teacher, student, loss, optim, data=data, ema=ema, max_steps=cfg.trainer.max_steps,
                          seed=cfg.seed, log_every=cfg.trainer.log_every, sampling=sampling_overrides(cfg),
+                         nonfinite_rows=cfg.trainer.nonfinite_rows,
                          config=to_container(cfg))
 
 
@@ -61,6 +62,35 @@ def sampling_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The non-null fields of the config's ``sampling`` section."""
     sc = to_container(cfg.sampling)
     return {k: v for k, v in sc.items() if v is not None and v != {}}
+
+
+def scorer_for(cfg: DictConfig, teacher: Any) -> Any:
+    """The run's metric (``distill.evaluate.build_scorer`` on the ``eval`` section)."""
+    from distill.evaluate import scorer_from_config
+
+    return scorer_from_config(teacher, cfg.eval)
+
+
+def reevaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Score a finished run's checkpoint again with this code's evaluation (``final_evaluation``), and write the new
+    rows into its ``record.json`` (with the environment of the re-evaluation). The weights are not touched."""
+    from distill.records import run_environment
+
+    run_dir = Path(run_dir)
+    module = build_module(cfg)
+    module.prepare()
+    module.load_state_dict(load_training_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"])
+    result = final_evaluation(module, scorer_for(cfg, module.teacher), cfg, run_dir, None)
+    path = run_dir / "record.json"
+    record = json.loads(path.read_text())
+    record["eval"] = result["rows"]
+    record["reevaluated"] = run_environment()
+    curve_file = run_dir / "fid_vs_step.json"
+    if not record.get("curve") and curve_file.is_file():
+        record["curve"] = [{"iteration": int(r["model"].split("@")[1]), "nfe": r["nfe"], "score": r["score"],
+                            "seed": r["seed"]} for r in json.loads(curve_file.read_text())["student"]]
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return record
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -120,7 +150,6 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     import lightning as L
 
     from distill.callbacks import FIDCallback, IterationCheckpoint, SampleGridCallback
-    from distill.evaluate import build_scorer
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
@@ -135,8 +164,7 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     ev = cfg.eval
-    scorer = build_scorer(module.teacher, ev.features, ev.inception_path, ev.kind) if (ev.every or final_eval) \
-        else None
+    scorer = scorer_for(cfg, module.teacher) if (ev.every or final_eval) else None
     callbacks: list[Any] = []
     fid_cb = None
     if ev.every and scorer is not None:
@@ -154,7 +182,8 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True if ckpt_path else None)
     train_s = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
-                              "iterations": module.current_iteration, "skipped_steps": int(module.skipped_steps)}
+                              "iterations": module.current_iteration, "skipped_steps": int(module.skipped_steps),
+                              "nonfinite_rows": int(module.nonfinite_rows)}
     if final_eval and scorer is not None and trainer.is_global_zero:
         t1 = time.perf_counter()
         result["eval"] = final_evaluation(module, scorer, cfg, out_dir, fid_cb)
@@ -162,12 +191,14 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     else:
         eval_s = None
     if trainer.is_global_zero:
-        write_run_record(cfg, out_dir, result, module.current_iteration - start_iteration, train_s, eval_s)
+        curve = [{"iteration": int(r.model.split("@")[1]), "nfe": r.nfe, "score": r.score, "seed": r.seed}
+                 for r in fid_cb.rows] if fid_cb is not None else []
+        write_run_record(cfg, out_dir, result, module.current_iteration - start_iteration, train_s, eval_s, curve)
     return result
 
 
 def write_run_record(cfg: DictConfig, out_dir: Path, result: dict[str, Any], iterations: int, train_s: float,
-                     eval_s: float | None) -> Path:
+                     eval_s: float | None, curve: list[dict[str, Any]] | None = None) -> Path:
     """``record.json``: the run's protocol and costs next to its numbers (one per launch; a resumed run appends
     its part to ``parts``)."""
     from distill.records import config_hash, peak_rss_mb, run_environment
@@ -182,7 +213,8 @@ def write_run_record(cfg: DictConfig, out_dir: Path, result: dict[str, Any], ite
     record = {"kind": "distill train", "name": cfg.name, "config_hash": config_hash(container), "seed": cfg.seed,
               "eval_seeds": list(cfg.eval.seeds), "iterations": result["iterations"],
               "skipped_steps": result["skipped_steps"], "parts": old.get("parts", []) + [part],
-              "eval": result.get("eval", {}).get("rows", old.get("eval")), "config": container}
+              "eval": result.get("eval", {}).get("rows", old.get("eval")), "curve": curve or old.get("curve", []),
+              "config": container}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str))
     tmp.replace(path)

@@ -1,4 +1,4 @@
-"""The loss contract (design.md §3 "Loss"; the one-page guide is ``docs/adding-a-loss.md``).
+"""The loss contract (docs/design.md §3.3; the one-page guide is ``docs/adding-a-loss.md``).
 
 A loss is an ``nn.Module`` registered by name whose constructor is its config schema. The system
 (``distill.iteration.run_iteration`` inside ``DistillModule``) asks it, each iteration ``k``:
@@ -11,6 +11,8 @@ A loss is an ``nn.Module`` registered by name whose constructor is its config sc
 * what **data** it needs (:meth:`DistillLoss.data_specs`: real data, exact teacher samples, noise only, cached
   teacher ODE pairs), delivered as a typed :class:`Batch`;
 * how its student is **sampled** at k NFE (:meth:`DistillLoss.sampling`; config may override);
+* about samples it had to exclude because a per-sample quantity was NaN/Inf (the reserved term
+  :data:`NONFINITE_ROWS`; never silently absorbed);
 * where its **rounds** start (:meth:`DistillLoss.round_of`): at a boundary the system resets what
   :attr:`DistillLoss.round_resets` names (EMA, optimizer state, LR warm-up) and calls :meth:`on_round_start`.
 
@@ -24,7 +26,6 @@ batch ``B``, and a resumed run draws what an uninterrupted one does.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,19 +33,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from distill.core.streams import stream_seed
+
 if TYPE_CHECKING:  # a type only: the students layer sits below this one
     from students.sampling import SamplingPlan
 
-__all__ = ["DistillLoss", "Batch", "StepContext", "DataSpec", "stream_seed", "ROUND_RESETS"]
+__all__ = ["DistillLoss", "Batch", "StepContext", "DataSpec", "stream_seed", "ROUND_RESETS", "NONFINITE_ROWS"]
 
 #: what a round boundary may reset
 ROUND_RESETS = ("ema", "optimizer", "warmup")
-
-
-def stream_seed(*parts: Any) -> int:
-    """A deterministic 63-bit seed for a tuple of labels (Python's ``hash`` of a str is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+#: the reserved term a loss returns when it excluded samples whose per-sample quantity was NaN/Inf (a count, a
+#: scalar tensor): the system adds it to its ``nonfinite_rows`` counter, logs it, and under
+#: ``trainer.nonfinite_rows: skip`` (the default) skips the phase's step as it does for a non-finite loss.
+NONFINITE_ROWS = "nonfinite_rows"
 
 
 @dataclass(frozen=True)

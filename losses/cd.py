@@ -1,6 +1,6 @@
 """Consistency Models — Song, Dhariwal, Chen & Sutskever 2023, arXiv:2303.01469 (consistency distillation, Alg. 2,
 eq. 7); pseudo-Huber distance and 1/(sigma_{n+1} - sigma_n) weighting from "Improved Techniques for Training
-Consistency Models" — Song & Dhariwal 2023, arXiv:2310.14189 (§3.3, §3.5). methods.md §2.1.
+Consistency Models" — Song & Dhariwal 2023, arXiv:2310.14189 (§3.3, §3.5). docs/methods.md §2.1.
 
 One step, in the paper's ascending notation ``sigma_1 = sigma_min < ... < sigma_N = sigma_max``:
 
@@ -227,7 +227,7 @@ class ConsistencyDistillation(DistillLoss):
         """
         s_hi, s_lo = self.levels(n, x_hi)
         with torch.no_grad():
-            # Teacher ODE step sigma_{n+1} -> sigma_n (the same step functions the samplers use, style.md §7).
+            # Teacher ODE step sigma_{n+1} -> sigma_n (the same step functions the samplers use, docs/design.md §2.3).
             x_lo = SOLVERS[self.solver](self._teacher_fn(teacher), x_hi, s_hi, s_lo, cond)
             # Stop-gradient target (arXiv:2303.01469 eq. 7: theta^- receives no gradient).
             target = f_target(x_lo, s_lo, cond)
@@ -244,7 +244,7 @@ class ConsistencyDistillation(DistillLoss):
         cond: Tensor | None = None,
     ) -> Tensor:
         """``f(x0 + sigma_{n+1} z, sigma_{n+1}) - f_target(x_hat_n, sigma_n)``, ``[B, ...]`` (forward()'s path;
-        zero in expectation for the exact consistency map and an exact solver, methods.md §4.3)."""
+        zero in expectation for the exact consistency map and an exact solver, docs/methods.md §4.3)."""
         s_hi, _ = self.levels(n, x0)
         pred, target = self.pair(f, f_target, teacher, x0 + append_dims(s_hi, x0.ndim) * z, n, cond)
         return pred - target

@@ -32,7 +32,7 @@ from distill.core.registry import ConfigError
 from students import SamplingPlan
 
 from . import parts, register_loss
-from .base import Batch, DataSpec, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
 
 __all__ = ["DMD2"]
 
@@ -225,10 +225,10 @@ class DMD2(DistillLoss):
         with torch.no_grad():
             mu_real = teacher(x_t, sigma, cond, self.guidance).to(x.dtype)
             mu_fake = self.fake.denoise(x_t, sigma, cond).to(x.dtype)
-        g = parts.dmd_gradient(xd, mu_real, mu_fake, self.dm_eps)
+        g, bad = parts.dmd_gradient(xd, mu_real, mu_fake, self.dm_eps)
         dm = parts.gradient_injection_loss(x, g)
         out = {"dm_loss": dm.detach(), "dm_grad_norm": g.reshape(batch.size, -1).norm(dim=1).mean(),
-               "sample_mean": xd.mean(), "sample_std": xd.std()}
+               "sample_mean": xd.mean(), "sample_std": xd.std(), NONFINITE_ROWS: bad.sum()}
         loss = dm
         if self.gan_weight > 0:  # non-saturating GAN term through the frozen fake encoder and head (DMD2 eq. 6)
             with parts.no_param_grad(self.fake, self.gan_head):

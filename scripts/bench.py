@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill.config import load_config, to_container  # noqa: E402
-from distill.evaluate import build_scorer, teacher_table  # noqa: E402
+from distill.evaluate import teacher_table  # noqa: E402
 from distill.records import run_environment  # noqa: E402
+from distill.reporting import student_summary, suite_markdown, teacher_summary  # noqa: E402
+from distill.train import reevaluate, scorer_for  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 SUITES = ROOT / "configs" / "suites.yaml"
@@ -47,7 +48,8 @@ def load_suite(name: str) -> dict[str, Any]:
     suites = OmegaConf.to_container(OmegaConf.load(SUITES))
     if name not in suites:
         raise SystemExit(f"unknown suite {name!r}; valid suites: {', '.join(sorted(suites))}")
-    suite = {"overrides": [], "config_overrides": {}, "nfe": [1, 2, 4, 8], "teacher_samplers": ["heun"], **suites[name]}
+    suite = {"overrides": [], "config_overrides": {}, "nfe": [1, 2, 4, 8], "teacher_samplers": ["heun"],
+             "teacher_grids": ["karras"], "diffusers_samplers": [], "threads": 1, **suites[name]}
     for cfg in suite["configs"]:
         if not (ROOT / "configs" / f"{cfg}.yaml").is_file():
             raise SystemExit(f"suite {name!r} names config {cfg!r}, but configs/{cfg}.yaml does not exist")
@@ -58,12 +60,16 @@ def run_overrides(suite: dict[str, Any], cfg: str, seed: int, run_dir: Path) -> 
     return [*suite["overrides"], *suite["config_overrides"].get(cfg, []), f"seed={seed}", f"out_dir={run_dir}",
             f"eval.seeds={list(suite['sample_seeds'])}", f"eval.nfe={list(suite['nfe'])}",
             f"eval.n_samples={suite['n_samples']}", f"eval.batch_size={suite['n_samples']}",
-            "trainer.progress_bar=false", "trainer.num_threads=1"]
+            "trainer.progress_bar=false", f"trainer.num_threads={suite['threads']}"]
+
+
+def run_dir_of(overrides: list[str]) -> Path:
+    return Path(next(o for o in overrides if o.startswith("out_dir="))[len("out_dir="):])
 
 
 def train_one(cfg: str, overrides: list[str], log: Path) -> dict[str, Any]:
     """``distill train`` in a subprocess; returns its ``record.json``."""
-    run_dir = Path(next(o for o in overrides if o.startswith("out_dir="))[len("out_dir="):])
+    run_dir = run_dir_of(overrides)
     cmd = [sys.executable, "-m", "distill.cli", "train", str(ROOT / "configs" / f"{cfg}.yaml"), *overrides]
     t0 = time.perf_counter()
     with log.open("w") as fh:
@@ -73,69 +79,6 @@ def train_one(cfg: str, overrides: list[str], log: Path) -> dict[str, Any]:
     rec = json.loads((run_dir / "record.json").read_text())
     rec["process_s"] = round(time.perf_counter() - t0, 1)
     return rec
-
-
-def summarise(values: dict[int, list[float]]) -> tuple[float, float, str]:
-    """(mean, sd, what the sd is over) from training seed -> sampling-seed scores."""
-    per_train = [statistics.mean(v) for v in values.values()]
-    if len(per_train) > 1:
-        return statistics.mean(per_train), statistics.stdev(per_train), f"{len(per_train)} training seeds"
-    only = next(iter(values.values()))
-    sd = statistics.stdev(only) if len(only) > 1 else 0.0
-    return statistics.mean(only), sd, f"1 training seed, {len(only)} sampling seeds"
-
-
-def student_rows(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for cfg, recs in records.items():
-        by_nfe: dict[int, dict[int, list[float]]] = {}
-        for rec in recs:
-            for row in rec["eval"]:
-                if row["model"] != "teacher":
-                    by_nfe.setdefault(int(row["nfe"]), {}).setdefault(rec["seed"], []).append(float(row["score"]))
-        train_s = [sum(p["train_s"] for p in r["parts"]) for r in recs]
-        iters = [r["iterations"] for r in recs]
-        out[cfg] = {
-            "cells": {k: summarise(v) for k, v in sorted(by_nfe.items())},
-            "train_s": statistics.mean(train_s),
-            "s_per_1k": statistics.mean(1000 * t / i for t, i in zip(train_s, iters)),
-            "iterations_per_s": statistics.mean(r["parts"][-1]["iterations_per_s"] for r in recs),
-            "peak_rss_mb": max(r["parts"][-1]["peak_rss_mb"] for r in recs),
-            "iterations": iters[0],
-        }
-    return out
-
-
-def teacher_cells(rows: list[dict[str, Any]]) -> dict[str, dict[int, tuple[float, float, str]]]:
-    out: dict[str, dict[int, dict[int, list[float]]]] = {}
-    for r in rows:
-        key = f"{r['sampler']}/{r['grid']}" if r["model"] == "teacher" else r["model"]
-        out.setdefault(key, {}).setdefault(int(r["nfe"]), {0: []})[0].append(float(r["score"]))
-    return {k: {n: summarise(v) for n, v in sorted(d.items())} for k, d in out.items()}
-
-
-def markdown(suite_name: str, suite: dict[str, Any], metric: str, students: dict[str, Any],
-             teachers: dict[str, Any]) -> str:
-    nfes = sorted({*suite["nfe"]})
-    ref_nfes = sorted({n for d in teachers.values() for n in d} - set(nfes))
-    cols = nfes + ref_nfes
-    head = "| model | " + " | ".join(f"{metric} @ {k} NFE" if k else f"{metric} (exact)" for k in cols) + \
-        " | s / 1k it | it/s | peak MB | sd over |"
-    lines = [f"Suite `{suite_name}`: {suite['n_samples']} samples per score, sampling seeds {suite['sample_seeds']}, "
-             f"training seeds {suite['train_seeds']}.", "", head, "|" + "---|" * (len(cols) + 5)]
-
-    def cell(c: tuple[float, float, str] | None) -> str:
-        return "–" if c is None else f"{c[0]:.4g} ± {c[1]:.2g}"
-
-    for cfg, s in students.items():
-        over = next(iter(s["cells"].values()))[2] if s["cells"] else ""
-        lines.append(f"| {cfg} (EMA student, {s['iterations']} it) | " + " | ".join(cell(s["cells"].get(k))
-                     for k in cols) + f" | {s['s_per_1k']:.1f} | {s['iterations_per_s']:.1f} | "
-                     f"{s['peak_rss_mb']:.0f} | {over} |")
-    for name, d in teachers.items():
-        lines.append(f"| teacher {name} | " + " | ".join(cell(d.get(k)) for k in cols) +
-                     f" | – | – | – | {len(suite['sample_seeds'])} sampling seeds |")
-    return "\n".join(lines) + "\n"
 
 
 def plots(out: Path, suite_name: str, metric: str, students: dict[str, Any], teachers: dict[str, Any]) -> None:
@@ -182,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the runs' folders go")
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one thread each)")
+    ap.add_argument("--reeval", action="store_true",
+                    help="do not train: score the suite's finished runs in --runs again with this code's evaluation")
     args = ap.parse_args(argv)
     suite = load_suite(args.suite)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir.mkdir(parents=True, exist_ok=True)
             jobs.append((cfg, run_overrides(suite, cfg, seed, run_dir), run_dir / "bench.log"))
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        done = list(pool.map(lambda j: (j[0], train_one(*j)), jobs))
+    if args.reeval:
+        torch.set_num_threads(2)
+        done = [(cfg, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
+                for cfg, ov, _ in jobs]
+    else:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            done = list(pool.map(lambda j: (j[0], train_one(*j)), jobs))
     records: dict[str, list[dict[str, Any]]] = {}
     for cfg, rec in done:
         records.setdefault(cfg, []).append(rec)
@@ -202,20 +152,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         run_overrides(suite, suite["configs"][0], 0, args.runs / args.suite / "teacher"))
     torch.set_num_threads(max(1, args.jobs))
     teacher = build_teacher(to_container(first.teacher))
-    scorer = build_scorer(teacher, first.eval.features, first.eval.inception_path, first.eval.kind)
-    t_rows = teacher_table(teacher, scorer, list(suite["teacher_samplers"]), ["karras"], list(suite["nfe"]),
-                           list(suite["sample_seeds"]), suite["n_samples"], batch_size=suite["n_samples"],
+    scorer = scorer_for(first, teacher)
+    t_rows = teacher_table(teacher, scorer, list(suite["teacher_samplers"]), list(suite["teacher_grids"]),
+                           list(suite["nfe"]), list(suite["sample_seeds"]), suite["n_samples"],
+                           diffusers_samplers=list(suite["diffusers_samplers"]), batch_size=suite["n_samples"],
                            progress=False)
     t_rows = [r.__dict__ for r in t_rows]
-    students, teachers = student_rows(records), teacher_cells(t_rows)
     metric = scorer.metric
     record = {"script": "scripts/bench.py", "suite": args.suite, "definition": suite, "metric": metric,
               "wall_s": round(time.perf_counter() - t0, 1), "environment": run_environment(),
               "runs": records, "teacher_rows": t_rows}
-    (args.out / f"{args.suite}.json").write_text(json.dumps(record, indent=1, default=str))
-    table = markdown(args.suite, suite, metric, students, teachers)
-    (args.out / f"{args.suite}.md").write_text(table)
-    plots(args.out, args.suite, metric, students, teachers)
+    path = args.out / f"{args.suite}.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    rel = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    table = suite_markdown(record, rel)
+    (args.out / f"{args.suite}.md").write_text(table + "\n")
+    students = {cfg: student_summary(runs) for cfg, runs in records.items()}
+    plots(args.out, args.suite, metric, students, teacher_summary(t_rows))
     print(table)
     return record
 

@@ -1,5 +1,5 @@
 """Toolkit overhead: one training iteration through ``distill train``'s Lightning module vs the same computation in a
-bare PyTorch loop, on the same tensors (shared/benchmarks.md: within 5%).
+bare PyTorch loop, on the same tensors (docs/benchmarks.md §4: within 5%).
 
 Both sides run the same iteration function (``distill.iteration.run_iteration``: phases, NaN guard, per-group
 gradient norms, clipping, optimizer, EMA) on the same teacher (the digits teacher's architecture, 1.1 M parameters,
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import lightning as L
 import torch
 
 from distill.config import load_config
+from distill.records import run_environment
 from distill.train import build_module, make_trainer
 from teachers import DiffusersTeacher
 from teachers.nets import small_unet
@@ -111,7 +111,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(res["lightning"], res["bare"])]
     out = {
         "loss": args.loss, "teacher": args.teacher, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
-        "threads": args.threads, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": args.threads, "script": "scripts/bench_overhead.py", "environment": run_environment(),
         "torch": torch.__version__,
         "median_ms": {k: 1000 * statistics.median(v) for k, v in res.items()},
         "ratio_median": statistics.median(ratios), "ratios": ratios,

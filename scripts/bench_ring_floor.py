@@ -1,4 +1,5 @@
-"""Heun at 35 NFE on the exact ring against the sliced-W1 noise floor (shared/benchmarks.md "Ring", issue 2's bar).
+"""Heun at 35 NFE on the exact ring against the sliced-W1 noise floor (docs/methods.md §4.4 "Ring"; issue 2's bar,
+docs/benchmarks.md §2).
 
 For each seed: a fixed-size exact reference set; Heun-35 (EDM grid: 18 Karras steps, sigma 0.002-80, rho 7, the last
 step Euler) from noise ``z``; two floor estimates at the same size — an independent exact set, and a *paired* exact
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:
 from distill.core.samplers import sample_heun  # noqa: E402
 from distill.core.schedules import karras_sigmas  # noqa: E402
 from distill.distances import sliced_wasserstein  # noqa: E402
+from distill.records import run_environment  # noqa: E402
 from teachers import ring  # noqa: E402
 
 
@@ -67,6 +69,8 @@ def main() -> None:
     for k, v in summary.items():
         if k != "protocol":
             print(k, {a: round(b, 5) for a, b in v.items() if a != "per_seed"})
+    summary["script"] = "scripts/bench_ring_floor.py"
+    summary["environment"] = run_environment()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1))

@@ -1,4 +1,4 @@
-"""Sampling speed-up at matched quality (shared/benchmarks.md "Speed and cost").
+"""Sampling speed-up at matched quality (docs/benchmarks.md §4, "Cost and overhead").
 
 For an exported student: its FID at each of its NFEs, then, for every teacher solver (ours on Karras and log-SNR
 grids, diffusers' through the bridge), the smallest NFE at which that solver is at least as good; the speed-up is
@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 from distill.evaluate import build_scorer, generate_student, generate_teacher  # noqa: E402
 from distill.export import export_plan, load_exported  # noqa: E402
+from distill.records import run_environment  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         grid = {"vp-default": "default"}.get(grid, grid)  # diffusers' own spacing is called "default" there
         return lambda s: generate_teacher(teacher, name, nfe, grid, n, s, batch_size=n, diffusers=diffusers)[0]
 
-    report: dict = {"student": str(args.student), "seeds": args.seeds, "n": args.n, "threads": args.threads,
+    report: dict = {"script": "scripts/bench_speedup.py", "environment": run_environment(),
+                    "student": str(args.student), "seeds": args.seeds, "n": args.n, "threads": args.threads,
                     "rows": []}
     teacher_fid: dict[tuple[str, int], float] = {}
     for nfe in args.nfe:

@@ -7,7 +7,7 @@ From ``x`` at ``s`` to the next grid level ``t``:
 
 and the last step (``t = 0``) is a plain jump ``J(x, s, 0)``. ``gamma = 0`` is a deterministic chain of jumps (the
 ODE trajectory for an exact flow map); ``gamma = 1`` jumps to 0 and re-noises to ``t``: multistep consistency sampling
-(Song et al. 2023, arXiv:2303.01469, Alg. 1, methods.md §3) - with noise std ``t`` rather than CM's
+(Song et al. 2023, arXiv:2303.01469, Alg. 1, docs/methods.md §3.4) - with noise std ``t`` rather than CM's
 ``sqrt(t^2 - sigma_min^2)``, a relative difference of ``sigma_min^2 / 2t^2`` (1e-6 at t = 1). TCD's strategic
 stochastic sampling (arXiv:2402.19159) is the same idea in VP coordinates. One network evaluation per step.
 """

@@ -1,7 +1,8 @@
 """Frozen teachers behind one denoiser contract ``D(x, sigma, cond=None, guidance=1.0) -> x0``.
 
-Build one by name with :func:`build_teacher` (``{"name": "ring"}``, ``{"name": "diffusers", "path": ...}``); an
-unknown name fails with the list of valid names.
+Build one by name with :func:`build_teacher` (``{"name": "ring"}``, ``{"name": "diffusers", "path": ...}``,
+``{"name": "mixture", "means": [[0, 0], [3, 0]], "stds": [0.1, 0.3], "weights": [0.8, 0.2]}``); an unknown name fails
+with the list of valid names.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from distill.core.registry import Registry
 
-from .analytic import GaussianMixtureTeacher, empirical, grid, ring
+from .analytic import GaussianMixtureTeacher, empirical, grid, mixture, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
 from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
@@ -19,6 +20,7 @@ from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("ring")(ring)
 TEACHERS.register("grid")(grid)
+TEACHERS.register("mixture")(mixture)
 TEACHERS.register("diffusers")(load_diffusers_teacher)
 TEACHERS.register("digits")(digits_teacher)
 TEACHERS.register("empirical_digits")(empirical_digits)
@@ -45,6 +47,7 @@ __all__ = [
     "build_teacher",
     "empirical",
     "grid",
+    "mixture",
     "ring",
     "load_diffusers_teacher",
     "load_shipped_teacher",

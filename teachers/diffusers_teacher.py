@@ -3,7 +3,7 @@
 Three scheduler families are recognised from the scheduler config's ``_class_name``. Every family is the affine
 EDM form ``D = c_skip x + c_out F(c_in x, timestep_scale * c_noise)`` (Karras et al. 2022, arXiv:2206.00364, eq. 7
 and Table 1), with the scalings (and the prediction types) taken from :mod:`distill.core.precond`, the one copy the
-students share (design.md §3):
+students share (docs/design.md §3.1):
 
 * **EDM** (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): Karras et al. preconditioning
   ``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_noise = edm_timestep_scale * log(sigma)`` (diffusers'

@@ -1,4 +1,4 @@
-"""Factories for the small diffusers networks the project trains, ships and tests with (shared/env-notes.md §3)."""
+"""Factories for the small diffusers networks the project trains, ships and tests with (docs/design.md §8)."""
 
 from __future__ import annotations
 

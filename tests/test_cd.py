@@ -1,4 +1,4 @@
-"""Consistency distillation (``losses/cd.py``): the closed-form residual of methods.md §4.3, the data-free teacher
+"""Consistency distillation (``losses/cd.py``): the closed-form residual of docs/methods.md §4.3, the data-free teacher
 rollout against the exact ODE solution, a short training run, and the EMA target's isolation from gradients."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from teachers import GaussianMixtureTeacher, ring
 
 torch.set_num_threads(1)
 
-M, S = 1.0, 0.5  # Gaussian data N(M, S^2): the calibration case of methods.md §4.3
+M, S = 1.0, 0.5  # Gaussian data N(M, S^2): the calibration case of docs/methods.md §4.3
 
 
 def gaussian_teacher(dim: int = 1) -> GaussianMixtureTeacher:
@@ -25,7 +25,7 @@ def gaussian_teacher(dim: int = 1) -> GaussianMixtureTeacher:
 
 
 def exact_consistency(x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
-    """f*(x, sigma) = M + (x - M) S / sqrt(S^2 + sigma^2): the PF-ODE solution at sigma = 0 (methods.md §4.3)."""
+    """f*(x, sigma) = M + (x - M) S / sqrt(S^2 + sigma^2): the PF-ODE solution at sigma = 0 (docs/methods.md §4.3)."""
     return M + (x - M) * (S / (S**2 + sigma**2).sqrt())[:, None]
 
 
@@ -41,6 +41,37 @@ class ExactConsistencyStudent(FlowMapStudent):
         return exact_consistency(x, sigma_from)
 
 
+class IdentityStudent(FlowMapStudent):
+    """A parameter-free student with ``f(x, sigma) = x``: against a point-mass teacher every CD residual is closed form."""
+
+    kind = "consistency"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__((dim,), 0.002, 80.0, 0.5)
+
+    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
+        return x
+
+
+# A point mass p: D(x, sigma) = p, so every Euler/Heun step is the exact flow x(s') = p + (s'/s)(x - p). With data
+# x0 = p and f(x) = x the residual is x_hi - x_lo = (1 - s_lo/s_hi)(x_hi - p) = (s_hi - s_lo) z exactly.
+POINT = torch.tensor([[0.5, -1.0, 2.0, 0.25]], dtype=torch.float64)
+
+
+def point_teacher() -> GaussianMixtureTeacher:
+    return GaussianMixtureTeacher(POINT, 0.0)
+
+
+def twin_draws(loss, data_shape, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (n, z, s_hi, s_lo) that forward() draws from ``batch(..., seed=seed)`` (Batch draws are stateless per
+    (seed, iteration, draw count), so a twin batch reproduces them)."""
+    twin = batch(size=size, seed=seed, dtype=torch.float64)
+    n = twin.randint(loss.num_levels - 1)
+    z = twin.randn(*data_shape)
+    s_hi, s_lo = loss.levels(n, z)
+    return n, z, s_hi, s_lo
+
+
 def mean_sq_residual(solver: str, n_levels: int, batch: int = 100_000) -> float:
     teacher = gaussian_teacher()
     loss = build_loss("cd", num_levels=n_levels, solver=solver)
@@ -52,7 +83,7 @@ def mean_sq_residual(solver: str, n_levels: int, batch: int = 100_000) -> float:
     return float(loss.residual(exact_consistency, exact_consistency, teacher, x0, z, n).pow(2).mean())
 
 
-# Calibration of methods.md §4.3 (numpy, independent code): mean squared residual of the exact map.
+# Calibration of docs/methods.md §4.3 (numpy, independent code): mean squared residual of the exact map.
 CALIBRATION = {"heun": {18: 1.1e-5, 40: 7.1e-8, 80: 9.8e-10}, "euler": {18: 8.6e-5, 40: 3.3e-6, 80: 2.0e-7}}
 
 
@@ -103,13 +134,34 @@ def test_distances_and_weights_closed_form():
     torch.testing.assert_close(grid[0], torch.tensor([80.0, 80.0]))
     torch.testing.assert_close(grid[-1], torch.tensor([0.5, 80.0]))
     torch.testing.assert_close(grid[:, 1], torch.full((5,), 80.0))  # a zero-length rollout stays put
-    # pseudo-Huber with iCT's default c and the icm weighting run through forward()
-    teacher = gaussian_teacher(dim=4)
-    student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
-    loss = build_loss("cd", num_levels=6, distance="pseudo_huber", weighting="icm")
-    loss.setup(student, teacher, ctx())
-    out = loss("student", student, teacher, batch(teacher.sample(16)), ctx())
-    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+
+    # Through forward(), in closed form: point-mass data x0 = p, f(x) = x, so the residual is (s_hi - s_lo) z exactly.
+    teacher, student, size = point_teacher(), IdentityStudent(4), 4096
+    data = POINT.expand(size, 4)
+    terms = {}
+    for distance, c, weighting in [("l2", None, "uniform"), ("l2", None, "icm"), ("pseudo_huber", None, "icm"),
+                                   ("pseudo_huber", 1e4, "uniform"), ("pseudo_huber", 1e-6, "icm")]:
+        loss = build_loss("cd", num_levels=6, distance=distance, huber_c=c, weighting=weighting)
+        loss.setup(student, teacher, ctx())
+        terms[distance, c, weighting] = float(loss("student", student, teacher, batch(data, seed=3), ctx())["loss"])
+    n, z, s_hi, s_lo = twin_draws(loss, (4,), size, seed=3)
+    delta, zz = s_hi - s_lo, z.pow(2).sum(1)  # [B] level gaps, |z|^2
+    torch.testing.assert_close(terms["l2", None, "uniform"], float((delta**2 * zz / 4).mean()), rtol=1e-10, atol=0)
+    torch.testing.assert_close(terms["l2", None, "icm"], float((delta * zz / 4).mean()), rtol=1e-10, atol=0)
+    c_ict = 0.00054 * math.sqrt(4)  # iCT's default c for 4 dimensions
+    ph = ((delta**2 * zz + c_ict**2).sqrt() - c_ict) / delta
+    torch.testing.assert_close(terms["pseudo_huber", None, "icm"], float(ph.mean()), rtol=1e-10, atol=0)
+    # pseudo-Huber limits: huge c -> |r|^2 / (2c) = (D / 2c) x l2 (relative error |r|^2 / (4 c^2) < 1e-3 here);
+    # tiny c -> |r| - c + O(c^2), and with the icm weight |z| - c / (s_hi - s_lo): about the chi(4) mean
+    # 3 sqrt(pi/2) / 2 = 1.880.
+    big = terms["pseudo_huber", 1e4, "uniform"]
+    assert big == pytest.approx(4 / (2 * 1e4) * terms["l2", None, "uniform"], rel=1e-3)
+    assert terms["pseudo_huber", 1e-6, "icm"] == pytest.approx(float((zz.sqrt() - 1e-6 / delta).mean()), rel=1e-8)
+    assert terms["pseudo_huber", 1e-6, "icm"] == pytest.approx(1.5 * math.sqrt(math.pi / 2), rel=0.03)  # 4 SE
+    # In expectation the icm-weighted l2 telescopes: E[(s_hi - s_lo)] E[|z|^2 / D] = (sigma_max - sigma_min) / (N - 1)
+    # for n uniform over the N - 1 intervals (16.0 here); the gaps span 56 to 0.08: the batch mean's standard error is
+    # 1.8% (20 seeds), so 8% is 4.4 standard errors.
+    assert terms["l2", None, "icm"] == pytest.approx((80.0 - 0.002) / 5, rel=0.08)
 
 
 def test_data_free_rollout_follows_the_exact_ode():
@@ -128,11 +180,23 @@ def test_data_free_rollout_follows_the_exact_ode():
         exact = M + (80.0 * z - M) * ((S**2 + end**2) / (S**2 + 80.0**2)).sqrt()[:, None]
         errors.append(float((x - exact).abs().max()))
     assert errors[1] < 5e-3 and 3.0 < errors[0] / errors[1] < 5.5, errors
-    student = build_student("consistency", teacher, init="fresh", hidden=8, depth=1)
+    # Through forward(), in closed form: a point-mass teacher's rollout is exact, x_hi = p + (s_hi / 80)(80 z - p), so
+    # with f(x) = x the residual is (1 - s_lo / s_hi)(x_hi - p) = (s_hi - s_lo)(z - p / 80).
+    point, student = point_teacher(), IdentityStudent(4)
     loss = build_loss("cd", num_levels=6, x0_source="teacher", teacher_steps=4)
-    loss.setup(student, teacher, ctx())
-    out = loss("student", student, teacher, batch(size=8), ctx())
-    assert torch.isfinite(out["loss"])
+    loss.setup(student, point, ctx())
+    out = loss("student", student, point, batch(size=512, seed=5, dtype=torch.float64), ctx())
+    n, z, s_hi, s_lo = twin_draws(loss, (4,), 512, seed=5)
+    expected = ((s_hi - s_lo) ** 2 * (z - POINT / 80.0).pow(2).mean(1)).mean()
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-10, atol=0)
+    # The exact consistency map of the Gaussian data: the data-free rollout samples the same marginal as x0 + sigma z,
+    # so the loss is the calibrated mean squared residual of the data path (1.1e-5 for Heun, 18 levels; see
+    # test_forward_uses_the_residual_path). A rollout that stopped at the wrong level would not match it.
+    loss = build_loss("cd", num_levels=18, x0_source="teacher", teacher_steps=18)
+    loss.setup(ExactConsistencyStudent(), gaussian_teacher(), ctx())
+    out = loss("student", ExactConsistencyStudent(), gaussian_teacher(),
+               batch(size=100_000, seed=6, dtype=torch.float64), ctx())
+    assert CALIBRATION["heun"][18] / 1.25 < float(out["loss"]) < CALIBRATION["heun"][18] * 1.25, float(out["loss"])
 
 
 def test_config_errors():

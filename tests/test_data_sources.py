@@ -122,3 +122,37 @@ def test_a_nan_step_is_skipped_counted_and_reported(optimizer, where):
     assert all(torch.isfinite(v).all() for v in student.state_dict().values())
     with pytest.warns(RuntimeWarning, match="1 phase step\\(s\\) skipped"):
         module._log(3, logs)
+
+
+class BadRows(DistillLoss):
+    """Reports 3 non-finite rows at iteration 1 (as DMD2 does when its DM gradient has NaN rows)."""
+
+    def forward(self, phase, student, teacher, batch, ctx):
+        from losses.base import NONFINITE_ROWS
+
+        sigma = torch.full((batch.size,), 1.0)
+        x = batch.randn(2)
+        out = (student.denoise(x, sigma) - teacher(x, sigma)).pow(2).mean()
+        return {"loss": out, NONFINITE_ROWS: torch.tensor(3 if ctx.iteration == 1 else 0)}
+
+
+@pytest.mark.parametrize("policy", ["skip", "drop"])
+def test_nonfinite_rows_are_counted_and_follow_the_guard_policy(policy):
+    teacher = ring()
+    torch.manual_seed(0)
+    student = build_student("generator", teacher, init="fresh", hidden=8, depth=1)
+    optim = {"student": OmegaConf.create({"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8,
+                                          "weight_decay": 0.0, "warmup": 0, "decay": "none", "final_lr_ratio": 0.0,
+                                          "grad_clip": 1.0})}
+    module = DistillModule(teacher, student, BadRows(), optim, data={"batch_size": 16}, max_steps=3,
+                           nonfinite_rows=policy)
+    module.prepare()
+    module.configure_optimizers()
+    module.iterate()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    logs = module.iterate()
+    unchanged = all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert int(module.nonfinite_rows) == 3 and float(logs["student/nonfinite_rows"]) == 3
+    assert unchanged == (policy == "skip") and int(module.skipped_steps) == (policy == "skip")
+    with pytest.warns(RuntimeWarning, match="3 sample row\\(s\\) were not finite"):
+        module._log(1, logs)

@@ -1,4 +1,4 @@
-"""Closed-form checks of the DMD2 loss and its parts (methods.md §4.2, §2.5): the injected gradient is exactly
+"""Closed-form checks of the DMD2 loss and its parts (docs/methods.md §4.2, §2.2): the injected gradient is exactly
 ``g / numel`` with DMD's normaliser, a Gaussian generator trained with the exact fake score converges to the target
 (and the gradient vanishes there and points to the target off it, also per class under guidance), the fake score's
 DSM is minimised by the Gaussian posterior mean, backward simulation runs ``k`` re-noised jumps, every draw goes
@@ -124,23 +124,31 @@ def test_injected_gradient_equals_normalised_dmd_gradient():
     # g computed independently, row by row
     g = torch.stack([(mu_f[i] - mu_r[i]) / (x[i] - mu_r[i]).abs().mean() for i in range(5)])
     xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(gradient_injection_loss(xg, dmd_gradient(x, mu_r, mu_f)), xg)
+    (grad,) = torch.autograd.grad(gradient_injection_loss(xg, dmd_gradient(x, mu_r, mu_f)[0]), xg)
     torch.testing.assert_close(grad, g / x.numel(), rtol=1e-12, atol=0)
     # one plain SGD step on x moves it by exactly -lr g / numel
     opt = torch.optim.SGD([xg], lr=3.0)
     opt.zero_grad()
-    gradient_injection_loss(xg, dmd_gradient(x, mu_r, mu_f)).backward()
+    gradient_injection_loss(xg, dmd_gradient(x, mu_r, mu_f)[0]).backward()
     opt.step()
     torch.testing.assert_close(xg.detach(), x - 3.0 * g / x.numel(), rtol=1e-12, atol=1e-15)
     # the normaliser is per sample: scaling one row's residual x - mu_real by c scales only that row's g by 1/c
     x2 = x.clone()
     x2[1] = mu_r[1] + 4.0 * (x[1] - mu_r[1])
-    g2 = dmd_gradient(x2, mu_r, mu_f)
+    g2 = dmd_gradient(x2, mu_r, mu_f)[0]
     torch.testing.assert_close(g2[1], g[1] / 4.0)
     torch.testing.assert_close(g2[[0, 2, 3, 4]], g[[0, 2, 3, 4]])
     # a sample the teacher reproduces exactly: the clamped normaliser keeps g finite (= diff / eps)
-    g0 = dmd_gradient(x[:1], x[:1], x[:1] + 1e-7, eps=1e-5)
+    g0 = dmd_gradient(x[:1], x[:1], x[:1] + 1e-7, eps=1e-5)[0]
     torch.testing.assert_close(g0, torch.full_like(g0, 1e-2))
+    # a NaN/Inf row is zeroed and reported, never silently absorbed; the other rows are untouched
+    mu_bad = mu_f.clone()
+    mu_bad[2, 0, 1] = float("nan")
+    mu_bad[4, 1, 0] = float("inf")
+    gb, bad = dmd_gradient(x, mu_r, mu_bad)
+    assert bad.tolist() == [False, False, True, False, True]
+    assert torch.equal(gb[[2, 4]], torch.zeros_like(gb[[2, 4]]))
+    torch.testing.assert_close(gb[[0, 1, 3]], g[[0, 1, 3]])
 
 
 def test_gradient_injection_surrogate_value():
@@ -151,7 +159,7 @@ def test_gradient_injection_surrogate_value():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (b) Gaussian generator -> N(1, 0.5^2) with the exact fake score (methods.md §4.2)
+# (b) Gaussian generator -> N(1, 0.5^2) with the exact fake score (docs/methods.md §4.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -177,7 +185,7 @@ def test_gaussian_generator_converges_with_pure_functions():
         x_t = x.detach() + sigma[:, None] * torch.randn_like(x)
         mu_real = gaussian_denoiser(x_t, sigma, TARGET_M, TARGET_S)
         mu_fake = gaussian_denoiser(x_t, sigma, gen.b.detach(), gen.a.detach().abs())
-        return gradient_injection_loss(x, dmd_gradient(x.detach(), mu_real, mu_fake))
+        return gradient_injection_loss(x, dmd_gradient(x.detach(), mu_real, mu_fake)[0])
 
     _fit(step, gen.parameters(), steps=400, lr=5e-2)
     assert abs(gen.a.item() - TARGET_S) < 1e-2 and abs(gen.b.item() - TARGET_M) < 1e-2, (gen.a.item(), gen.b.item())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import distill.fid as fid_module
 from distill.core.data import load_digits_tensor
 from distill.core.registry import ConfigError
 from distill.features import (
@@ -30,6 +31,9 @@ from distill.fid import (
     digits_report,
     frechet_distance,
     gaussian_stats,
+    load_reference,
+    protocol_kind,
+    protocol_label,
 )
 
 
@@ -149,7 +153,7 @@ def test_reference_stats_reads_files_that_store_the_covariance_as_sigma(tmp_path
 
 PROTOCOL_FIELDS = {
     "fid", "feature_extractor", "n_samples", "reference", "nfe", "sampler", "grid", "guidance", "seed", "kind",
-    "model", "step", "extra",
+    "label", "model", "step", "extra",
 }  # fmt: skip
 
 
@@ -159,11 +163,13 @@ def test_fid_record_has_every_protocol_field_and_round_trips():
     ref = ReferenceStats.from_features(torch.randn(64, 4), source="test", features=ext.describe())
     rec = compute_fid(
         x, ref, ext, nfe=2, sampler="student", grid=torch.tensor([80.0, 0.8]), guidance=1.0, seed=3,
-        kind="proxy", model="run-1/ema", step=1500, extra={"gamma": 0.0},
+        model="run-1/ema", step=1500, extra={"gamma": 0.0},
     )  # fmt: skip
     d = json.loads(rec.to_json())
     assert set(d) == PROTOCOL_FIELDS
-    assert d["reference"] == {"source": "test", "n": 64, "features": "flatten", "sha256": ref.sha256}
+    assert d["reference"] == {"source": "test", "n": 64, "features": "flatten", "sha256": ref.sha256,
+                              "name": "64 reference samples"}
+    assert d["kind"] == "final" and d["label"] == "raw-coordinate FID, final (64 samples vs 64 reference samples)"
     assert d["grid"] == pytest.approx([80.0, 0.8]) and d["nfe"] == 2 and d["step"] == 1500
     assert FIDRecord.from_json(rec.to_json()) == rec
     assert FIDRecord.from_dict(rec.to_dict()) == rec
@@ -171,10 +177,45 @@ def test_fid_record_has_every_protocol_field_and_round_trips():
         FIDRecord.from_dict({**d, "nfes": 2})
     with pytest.raises(ConfigError, match="valid keys"):
         compute_fid(x, ref, ext, nfes=2)
-    with pytest.raises(ConfigError, match="proxy"):
-        compute_fid(x, ref, ext, kind="quick")
+    with pytest.raises(ConfigError, match="valid keys"):  # the kind is not a protocol input: it is derived
+        compute_fid(x, ref, ext, kind="proxy")
+    with pytest.raises(ValueError, match="makes it 'final'"):  # a stored kind that its protocol contradicts
+        FIDRecord.from_dict({**d, "kind": "proxy"})
     with pytest.raises(ValueError):  # nan must not be written as a number
-        FIDRecord(**{**d, "fid": float("nan")}).to_json()
+        FIDRecord.from_dict({**d, "fid": float("nan")}).to_json()
+
+
+@pytest.mark.parametrize(
+    "n, ref_n, kind",
+    [(2000, 1797, "final"), (1797, 1797, "final"), (1796, 1797, "proxy"), (400, 10_000, "proxy"),
+     (10_000, 10_000, "final"), (49_999, 1_281_167, "proxy"), (50_000, 1_281_167, "final"),
+     (5_000, None, "proxy"), (50_000, None, "final")],
+)  # fmt: skip
+def test_protocol_kind_is_one_rule_of_the_sample_count_and_the_reference_size(n, ref_n, kind):
+    assert protocol_kind(n, ref_n) == kind
+
+
+def test_protocol_labels_name_the_measure_the_count_and_the_reference():
+    assert protocol_label("digits-classifier FID", 2000, 1797, "1,797 real digits") == (
+        "digits-classifier FID, final (2,000 samples vs 1,797 real digits)")
+    assert protocol_label("Inception FID", 5000, None, "ref.npz") == "Inception FID, proxy (5,000 samples vs ref.npz)"
+    assert protocol_label("sliced W1", 10_000, 10_000, "10,000 exact") == (
+        "sliced W1, final (10,000 samples vs 10,000 exact)")
+
+
+def test_the_same_protocol_gets_the_same_kind_for_fid_and_the_exact_scorer():
+    from distill.evaluate import RingScorer
+    from teachers import build_teacher
+
+    scorer = RingScorer(build_teacher({"name": "ring"}), n_reference=2000)
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    rec = scorer(x, seed=0)
+    assert rec["kind"] == protocol_kind(2000, 2000) == "final"
+    assert rec["label"] == "sliced W1, final (2,000 samples vs 2,000 exact)"
+    assert scorer(x[:1000], seed=0)["kind"] == "proxy"
+    ref = ReferenceStats.from_features(torch.randn(2000, 2, dtype=torch.float64), source="t", features="flatten")
+    assert compute_fid(x, ref, FlattenFeatures()).kind == "final"
+    assert compute_fid(x[:1000], ref, FlattenFeatures()).kind == "proxy"
 
 
 def test_compute_fid_rejects_reference_from_another_extractor():
@@ -284,7 +325,9 @@ def test_digits_reference_is_shipped_cached_and_reproducible(extractor):
     assert ref is digits_reference_stats(extractor)
     assert ref.n == 1797 and ref.dim == 64 and ref.features == extractor.describe()
     assert ReferenceStats.load(DIGITS_REFERENCE_FILE).sha256 == ref.sha256  # the shipped file is the one used
-    fresh = digits_reference_stats(extractor, recompute=True)  # on-the-fly features reproduce the shipped stats
+    with pytest.warns(UserWarning, match="recomputed on the fly"):
+        fresh = digits_reference_stats(extractor, recompute=True)  # on-the-fly features reproduce the shipped stats
+    assert "recomputed on the fly" in fresh.source and ref.source not in ("", fresh.source)
     np.testing.assert_allclose(fresh.mu, ref.mu, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fresh.cov, ref.cov, rtol=1e-5, atol=1e-4)
     assert frechet_distance(fresh.mu, fresh.cov, ref.mu, ref.cov) < 1e-3
@@ -295,7 +338,7 @@ def _fid(images: torch.Tensor, extractor: DigitsFeatures) -> float:
 
 
 def test_digits_fid_calibration(digits, extractor):
-    """shared/benchmarks.md "Digits": resampled real ~ floor; noise, blur and missing classes are far."""
+    """docs/methods.md §4.5 "Digits": resampled real ~ floor; noise, blur and missing classes are far."""
     images, labels = digits
     g = torch.Generator().manual_seed(0)
     resampled = images[torch.randint(0, len(images), (2000,), generator=g)]
@@ -322,3 +365,26 @@ def test_digits_report_on_real_digits(digits, extractor):
     true_share = torch.bincount(labels[:500], minlength=10).double() / 500
     np.testing.assert_allclose(rec.extra["class_coverage"], true_share.numpy(), atol=0.01)
     assert rec.reference["sha256"] == digits_reference_stats(extractor).sha256
+
+
+def test_digits_reference_never_falls_back_silently(extractor, tmp_path, monkeypatch):
+    key = extractor.describe()
+    # Missing shipped file: one line naming the file, the classifier expected and how to rebuild it.
+    monkeypatch.setattr(fid_module, "DIGITS_REFERENCE_FILE", tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError) as e:
+        digits_reference_stats(extractor)
+    msg = str(e.value)
+    assert "\n" not in msg and "missing.npz" in msg and key in msg and "scripts/train_classifier.py" in msg
+    # A file built for another classifier: the same, naming both hashes.
+    other = ReferenceStats(mu=np.zeros(64), cov=np.eye(64), n=1797, source="old", features="digits@000000000000")
+    monkeypatch.setattr(fid_module, "DIGITS_REFERENCE_FILE", other.save(tmp_path / "old.npz"))
+    with pytest.raises(FileNotFoundError) as e:
+        load_reference(None, extractor)  # what FIDScorer calls for digits features without eval.reference
+    msg = str(e.value)
+    assert "\n" not in msg and "old.npz" in msg and "digits@000000000000" in msg and key in msg
+    assert "scripts/train_classifier.py" in msg
+    # Asking for a recomputation works, warns, and says so in the statistics' source.
+    with pytest.warns(UserWarning, match="old.npz"):
+        fresh = digits_reference_stats(extractor, recompute=True)
+    assert fresh.features == key and fresh.n == 1797
+    assert "recomputed on the fly" in fresh.source and "digits@000000000000" in fresh.source

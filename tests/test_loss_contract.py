@@ -1,5 +1,5 @@
-"""The contract every registered loss inherits (style.md §10), parametrised over ``LOSSES.names()`` so that each new
-loss file is covered automatically (the dummy losses of ``tests/dummy_losses.py`` included).
+"""The contract every registered loss inherits (docs/design.md §2.6), parametrised over ``LOSSES.names()`` so that each
+new loss file is covered automatically (the dummy losses of ``tests/dummy_losses.py`` included).
 
 Each loss is built from its own ``tiny_config()`` inside a ``DistillModule`` against a tiny EDM-family UNet teacher
 at 8x8 (real data: the digits) and the student kind it declares; its batch comes from its own ``data_specs()``

@@ -45,3 +45,42 @@ def test_sweep_student_sampling_scores_every_floor_and_gamma(tmp_path):
     assert all(len(r["scores"]) == 2 and math.isfinite(r["mean"]) for r in rows)
     assert len({r["mean"] for r in rows}) == 4  # the settings really change the samples
     assert (tmp_path / "s.json").is_file()
+
+
+def test_committed_docs_match_their_records():
+    """CI's guard: every rendered table in README.md and docs/benchmarks.md equals what its record says."""
+    assert _load("report").main(["--check"]) == 0
+
+
+def test_report_check_fails_on_a_hand_edited_number(tmp_path):
+    import shutil
+
+    report = _load("report")
+    for rel in ("README.md", "docs/benchmarks.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    shutil.copytree(ROOT / "docs" / "bench", tmp_path / "docs" / "bench")
+    assert report.main(["--check", "--root", str(tmp_path)]) == 0
+    doc = tmp_path / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    start = text.index("<!-- report:ring-floor -->")
+    edited = text[:start] + text[start:].replace("|", "| 0.001", 1)  # a hand-typed number inside a rendered table
+    doc.write_text(edited)
+    assert report.main(["--check", "--root", str(tmp_path)]) == 1
+    assert report.main(["--root", str(tmp_path)]) == 0 and doc.read_text() == text  # re-rendering restores it
+
+
+def test_tiny_benchmark_suite_end_to_end(tmp_path):
+    """`scripts/bench.py tiny`: two losses x two training seeds x two sampling seeds, teacher rows, table, plots."""
+    rec = _load("bench").main(["tiny", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                               "--jobs", "2"])
+    assert set(rec["runs"]) == {"ring_cd", "ring_dmd2"} and all(len(v) == 2 for v in rec["runs"].values())
+    for runs in rec["runs"].values():
+        assert {r["seed"] for r in runs} == {0, 1}
+        assert all({row["seed"] for row in r["eval"]} == {0, 1} for r in runs)
+        assert all(r["parts"][0]["peak_rss_mb"] > 0 and r["parts"][0]["iterations_per_s"] > 0 for r in runs)
+    assert {r["sampler"] for r in rec["teacher_rows"]} >= {"euler", "heun", "exact samples"}
+    for name in ("tiny.json", "tiny.md", "tiny_nfe.png", "tiny_wallclock.png"):
+        assert (tmp_path / "out" / name).is_file()
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    assert "ring_cd (EMA student" in md and "teacher heun/karras" in md and "2 training seeds" in md

@@ -200,7 +200,7 @@ M, S = 0.7, 0.4  # Gaussian data N(M, S^2) per coordinate
 
 class ExactGaussianFlowMap(FlowMapStudent):
     """The exact flow map of N(M, S^2 I) data: J(x, s, t) = M + (x - M) sqrt((S^2 + t^2)/(S^2 + s^2)), written as the
-    x0 estimate D with J = (t/s) x + (1 - t/s) D (the PF-ODE solution, methods.md §4)."""
+    x0 estimate D with J = (t/s) x + (1 - t/s) D (the PF-ODE solution, docs/methods.md §4.0)."""
 
     def __init__(self) -> None:
         super().__init__((3,), 0.002, 80.0, S)

@@ -1,8 +1,8 @@
 """One broadcasting helper and every conversion between diffusion coordinates and predictions.
 
 The project's single convention is the variance-exploding (EDM) one: ``x = x0 + sigma * eps`` and a denoiser
-``D(x, sigma, cond) -> x0_hat`` with ``sigma`` of shape ``[B]`` (design.md §3). Other parameterisations map onto it
-exactly:
+``D(x, sigma, cond) -> x0_hat`` with ``sigma`` of shape ``[B]`` (docs/methods.md §0.1). Other parameterisations map onto
+it exactly:
 
 * VP / DDPM (``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps``): ``x_ve = x_t / sqrt(abar)``,
   ``sigma = sqrt((1 - abar) / abar)``.

@@ -4,7 +4,7 @@ Every parameterisation in the project is the affine form of Karras et al. 2022 (
 
     D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
 
-with ``x = x0 + sigma * eps`` (VE/EDM coordinates, design.md §3) and per-sample scalings of shape ``[B]`` (broadcast
+with ``x = x0 + sigma * eps`` (VE/EDM, docs/methods.md §0.1) and per-sample scalings of shape ``[B]`` (broadcast
 with :func:`distill.core.conversions.append_dims`). This module holds the scalings of each family as pure functions
 of ``sigma: [B]``; teachers (``teachers.diffusers_teacher``) and students (``students.precond``) both call them.
 

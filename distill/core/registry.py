@@ -1,4 +1,4 @@
-"""Registries by name that fail loudly, and constructors that are their own config schema (style.md §8–9)."""
+"""Registries by name that fail loudly, and constructors that are their own config schema (docs/design.md §2.2)."""
 
 from __future__ import annotations
 

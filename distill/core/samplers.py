@@ -5,7 +5,7 @@ Every solver integrates the probability-flow ODE of Karras et al. 2022 (arXiv:22
 
     dx/dsigma = (x - D(x, sigma)) / sigma
 
-with a denoiser ``D(x, sigma[B], cond) -> x0_hat``. They share one signature (design.md §3, style.md §7)::
+with a denoiser ``D(x, sigma[B], cond) -> x0_hat``. They share one signature (docs/design.md §2.3, §3.5)::
 
     sample_<name>(denoiser, noise, sigmas, cond=None, *, generator=None, **options) -> x0
 

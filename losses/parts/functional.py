@@ -21,12 +21,12 @@ def mean_dims(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def dmd_gradient(x: Tensor, mu_real: Tensor, mu_fake: Tensor, eps: float = 1e-5) -> Tensor:
+def dmd_gradient(x: Tensor, mu_real: Tensor, mu_fake: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """The normalised distribution-matching gradient ``g = (mu_fake - mu_real) / mean_dims|x - mu_real|``.
 
     The reverse-KL gradient w.r.t. a generated sample is ``s_fake - s_real`` (DMD eq. 7); in x0 units (Tweedie,
     ``s = (D - x_t) / sigma^2``) it is ``(mu_fake - mu_real) / sigma^2``. DMD eq. 8 / DMD2 §4 replace ``1/sigma^2`` by
-    the per-sample normaliser ``1 / mean|x - mu_real|`` (methods.md §2.0.4, §2.5 step 4). ``g`` is exactly zero
+    the per-sample normaliser ``1 / mean|x - mu_real|`` (docs/methods.md §0.6). ``g`` is exactly zero
     wherever the fake and real denoisers agree, i.e. when the generator matches the teacher.
 
     Args:
@@ -35,16 +35,20 @@ def dmd_gradient(x: Tensor, mu_real: Tensor, mu_fake: Tensor, eps: float = 1e-5)
         mu_fake: ``[B, ...]`` fake-score denoiser at the same noised sample.
         eps: floor of the normaliser, so a sample the teacher already reproduces exactly gives no 0/0.
     Returns:
-        ``g: [B, ...]``, with NaN/Inf replaced by finite values (a single bad row must not poison the batch).
+        ``(g, bad)``: ``g: [B, ...]`` with every row that holds a NaN/Inf set to zero, and ``bad: [B]`` bool marking
+        those rows. The caller reports ``bad.sum()`` as its ``"nonfinite_rows"`` term, so the system counts and logs
+        them and its guard policy decides (skip the step, or drop the rows: ``trainer.nonfinite_rows``).
     """
     norm = mean_dims((x - mu_real).abs()).clamp_min(eps)
-    return torch.nan_to_num((mu_fake - mu_real) / append_dims(norm, x.ndim))
+    g = (mu_fake - mu_real) / append_dims(norm, x.ndim)
+    bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+    return torch.where(append_dims(bad, g.ndim), torch.zeros_like(g), g), bad
 
 
 def gradient_injection_loss(x: Tensor, g: Tensor) -> Tensor:
     """Surrogate whose gradient w.r.t. ``x`` is ``g / x.numel()``: ``0.5 * mean((x - sg(x - g))^2)``.
 
-    methods.md §2.0.5 (DMD2's code, DMD eq. 8 as a loss): the target ``sg(x - g)`` carries no gradient, so
+    docs/methods.md §0.7 (DMD2's code, DMD eq. 8 as a loss): the target ``sg(x - g)`` carries no gradient, so
     back-propagating this scalar pushes ``x`` along ``-g`` through the generator without differentiating the teacher
     or the fake score. The value (``0.5 * mean(g^2)``) says nothing about progress; log the norm of ``g`` instead.
 

@@ -1,0 +1,280 @@
+"""Render every published table from its record: ``python scripts/report.py`` rewrites the marked blocks of
+``README.md`` and ``docs/benchmarks.md``; ``python scripts/report.py --check`` exits 1 (naming the stale blocks)
+when a committed block differs from what the records say (CI runs it).
+
+A block is ``<!-- report:NAME -->`` ... ``<!-- /report:NAME -->``; ``NAME`` is a renderer below. Records live in
+``docs/bench/`` and are written by ``scripts/bench.py`` (suites), ``distill eval`` (teacher solvers),
+``scripts/bench_calibration.py`` and ``scripts/bench_overhead.py``. Prose outside blocks carries no measured number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from distill.reporting import (  # noqa: E402
+    curve_markdown,
+    fmt,
+    solver_markdown,
+    student_summary,
+    suite_markdown,
+    teacher_summary,
+)
+
+BENCH = Path("docs") / "bench"
+FILES = [Path("README.md"), Path("docs") / "benchmarks.md"]
+BLOCK = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
+
+
+def _load(rel: Path, root: Path) -> Any | None:
+    p = root / rel
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _missing(rel: Path, how: str) -> str:
+    return f"_Not measured yet: `{rel}` does not exist (run `{how}`)._"
+
+
+def suite(name: str) -> Callable[[Path], str]:
+    def render(root: Path) -> str:
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        return suite_markdown(rec, str(rel)) if rec else _missing(rel, f"python scripts/bench.py {name}")
+
+    return render
+
+
+def curve(name: str) -> Callable[[Path], str]:
+    def render(root: Path) -> str:
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        return curve_markdown(rec, str(rel)) if rec else _missing(rel, f"python scripts/bench.py {name}")
+
+    return render
+
+
+def solvers(name: str, config: str) -> Callable[[Path], str]:
+    def render(root: Path) -> str:
+        rel = BENCH / name / "teacher_solvers.json"
+        rows = _load(rel, root)
+        return solver_markdown(rows, str(rel)) if rows else _missing(
+            rel, f"distill eval configs/{config}.yaml --out {BENCH / name}")
+
+    return render
+
+
+def calibration(root: Path) -> str:
+    rel = BENCH / "calibration.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, "python scripts/bench_calibration.py")
+    lines = [f"| case ({rec.get('digits_label') or 'digits FID'}) | FID |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v['mean'], v['sd'])} |" for k, v in rec["digits"].items()]
+    lines += ["", f"| case ({rec['ring'].get('label') or 'ring sliced W1'}) | value |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v['mean'], v['sd'])} |" for k, v in rec["ring"].items() if isinstance(v, dict)]
+    env = rec["environment"]
+    lines += ["", f"_Record `{rel}` (scripts/bench_calibration.py): {rec['seeds']} seeds, commit "
+                  f"`{(env.get('git_commit') or '?')[:12]}`, {env['machine']}._"]
+    return "\n".join(lines)
+
+
+def overhead(root: Path) -> str:
+    rel = BENCH / "overhead_cd.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, "python scripts/bench_overhead.py --json docs/bench/overhead_cd.json")
+    ms = rec["median_ms"]
+    return (f"| side | ms / iteration (median of {rec['repeats']}) |\n|---|---|\n"
+            f"| `distill train` (Lightning) | {ms['lightning']:.1f} |\n| bare loop (same iteration function) | "
+            f"{ms['bare']:.1f} |\n| overhead | {rec['overhead_pct']:.1f}% |\n\n_Record `{rel}` "
+            f"(scripts/bench_overhead.py): loss {rec['loss']}, teacher {rec['teacher']}, {rec['iters']} iterations, "
+            f"{rec['threads']} thread(s), commit `{(rec.get('environment', {}).get('git_commit') or '?')[:12]}`._")
+
+
+def _stamp(rec: dict[str, Any], rel: Path) -> str:
+    env = rec.get("environment") or {}
+    return (f"_Record `{rel}` ({rec.get('script', '?')}): commit `{(env.get('git_commit') or '?')[:12]}`, "
+            f"{env.get('machine', '?')}._")
+
+
+def ring_floor(root: Path) -> str:
+    rel = BENCH / "ring_floor.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, "python scripts/bench_ring_floor.py --seeds 100 --out docs/bench/ring_floor.json")
+    p, r = rec["protocol"], rec["ratio_smax80"]
+    return "\n".join([
+        f"| set ({p['n']} samples, {p['seeds']} seeds, sliced W1 with {p['sw1_directions']} directions) | SW1 |",
+        "|---|---|",
+        f"| Heun {p['nfe']} NFE (EDM grid, sigma_min {p['sigma_min']}, rho {p['rho']}) | "
+        f"{fmt(rec['heun_smax80']['mean'], rec['heun_smax80']['sd'])} |",
+        f"| exact set, paired mode counts (floor) | {fmt(rec['paired']['mean'], rec['paired']['sd'])} |",
+        f"| exact set, independent (floor) | {fmt(rec['independent']['mean'], rec['independent']['sd'])} |",
+        "", f"Heun-35 / floor: {r['paired']:.2f}x paired, {r['independent']:.2f}x independent (bar: 1.2x); "
+            f"over the first three seeds (what `tests/test_samplers.py` asserts) {r['first3_paired']:.2f}x.", "",
+        _stamp(rec, rel)])
+
+
+def speedup(root: Path) -> str:
+    rel = BENCH / "speedup_digits_cd.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, "python scripts/bench_speedup.py exports/digits_cd --json "
+                             "docs/bench/speedup_digits_cd.json")
+    lines = ["| student NFE | student FID | first teacher solver at or below it | its FID | images/s student vs "
+             "teacher | speed-up | NFE ratio |", "|---|---|---|---|---|---|---|"]
+    for row in rec["rows"]:
+        m = row["matched"]
+        if m is None:
+            lines.append(f"| {row['student_nfe']} | {row['student_fid']:.4g} | none in the NFE list | – | – | – | – |")
+            continue
+        lines.append(f"| {row['student_nfe']} | {row['student_fid']:.4g} | {m['solver']} @ {m['nfe']} NFE | "
+                     f"{m['fid']:.4g} | {m['student_images_per_s']:.0f} vs {m['teacher_images_per_s']:.0f} | "
+                     f"{m['speedup']:.1f}x | {m['nfe_ratio']:.1f}x |")
+    return "\n".join(lines + ["", f"FID over sampling seeds {rec['seeds']}, {rec['n']} samples; the teacher NFE list "
+                               "is coarse, so each speed-up is an upper bound.", "", _stamp(rec, rel)])
+
+
+def _cells(rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({cfg: student_summary(runs) for cfg, runs in rec["runs"].items()}, teacher_summary(rec["teacher_rows"]))
+
+
+def _teacher_ref(teachers: dict[str, Any]) -> tuple[float, float] | None:
+    ref = teachers.get("heun/karras", {}).get(35)
+    return None if ref is None else (ref[0], ref[1])
+
+
+def results(root: Path) -> str:
+    """The README's headline table: each suite's students at 1/2/4 NFE next to the teacher's Heun-35."""
+    lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
+    notes = []
+    for name in ("digits", "digits_dmd2", "ring"):
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        if not rec:
+            notes.append(_missing(rel, f"python scripts/bench.py {name}"))
+            continue
+        students, teachers = _cells(rec)
+        ref = _teacher_ref(teachers)
+        for cfg, s in students.items():
+            c = s["cells"]
+            over = next(iter(c.values()))[2] if c else ""
+            lines.append(f"| {cfg}, {s['iterations']} it ({s['label'] or rec['metric']}) | " +
+                         " | ".join(fmt(c[k][0], c[k][1]) if k in c else "–" for k in (1, 2, 4)) +
+                         f" | {fmt(*ref) if ref else '–'} | {over} |")
+        best = {k: min(((d[k][0], n) for n, d in teachers.items() if k in d and n.count("/")), default=None)
+                for k in (4, 8)}
+        if any(best.values()):
+            notes.append(f"Best training-free solver on the {name} suite's teacher: " + "; ".join(
+                f"{b[0]:.4g} at {k} NFE ({b[1]})" for k, b in best.items() if b) + f" (`{rel}`).")
+    return "\n".join(lines + [""] + notes)
+
+
+def bars(root: Path) -> str:
+    """The bars of docs/benchmarks.md checked against the records (met / not met, with the numbers)."""
+    out = ["| bar | measured | met |", "|---|---|---|"]
+    ring = _load(BENCH / "ring.json", root)
+    if ring:
+        students, teachers = _cells(ring)
+        ref = _teacher_ref(teachers)
+        for cfg, s in students.items():
+            one = s["cells"].get(1)
+            if one and ref:
+                out.append(f"| ring {cfg}: 1-NFE SW1 within 1.5x the teacher's Heun-35 | {one[0]:.4g} vs "
+                           f"{ref[0]:.4g} ({one[0] / ref[0]:.2f}x) | {'yes' if one[0] <= 1.5 * ref[0] else 'no'} |")
+            masses, offs = [], []
+            for rec in ring["runs"][cfg]:
+                for row in rec["eval"]:
+                    if row["model"] != "teacher" and row["nfe"] == 1:
+                        masses += row["record"].get("mode_mass", [])
+                        offs.append(row["record"].get("off", float("nan")))
+            if masses:
+                lo, hi = min(masses), max(masses)
+                out.append(f"| ring {cfg}: every mode 0.10-0.15 of the mass (1 NFE, all seeds) | {lo:.3f}-{hi:.3f}"
+                           f" | {'yes' if lo >= 0.10 and hi <= 0.15 else 'no'} |")
+                off = sum(offs) / len(offs)
+                out.append(f"| ring {cfg}: off-mode below 5% (1 NFE) | {100 * off:.1f}% | "
+                           f"{'yes' if off < 0.05 else 'no'} |")
+    digits = _load(BENCH / "digits.json", root)
+    if digits:
+        students, teachers = _cells(digits)
+        ref = _teacher_ref(teachers)
+        best4 = min((d[4][0] for n, d in teachers.items() if 4 in d and n.count("/")), default=None)
+        for cfg, s in students.items():
+            c = s["cells"]
+            if 1 in c and best4 is not None:
+                out.append(f"| digits {cfg}: 1-NFE below the best 4-NFE solver | {c[1][0]:.4g} vs {best4:.4g} | "
+                           f"{'yes' if c[1][0] < best4 else 'no'} |")
+            if 2 in c and ref:
+                out.append(f"| digits {cfg}: 2-NFE within 1.5x the teacher's Heun-35 | {c[2][0]:.4g} vs {ref[0]:.4g} "
+                           f"({c[2][0] / ref[0]:.2f}x) | {'yes' if c[2][0] <= 1.5 * ref[0] else 'no'} |")
+            if 1 in c and ref:
+                out.append(f"| digits {cfg}: 1-NFE within 1.5x the teacher (next bar) | {c[1][0] / ref[0]:.2f}x | "
+                           f"{'yes' if c[1][0] <= 1.5 * ref[0] else 'no'} |")
+    return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "results": results,
+    "bars": bars,
+    "calibration": calibration,
+    "overhead": overhead,
+    "ring-floor": ring_floor,
+    "speedup": speedup,
+    "teacher-ring": solvers("ring_teacher", "ring_teacher"),
+    "teacher-digits": solvers("digits_teacher", "digits_teacher"),
+    "suite-ring": suite("ring"),
+    "suite-digits": suite("digits"),
+    "suite-digits_dmd2": suite("digits_dmd2"),
+    "curve-digits": curve("digits"),
+    "curve-digits_dmd2": curve("digits_dmd2"),
+}
+
+
+def render(text: str, root: Path) -> tuple[str, list[str]]:
+    """``text`` with every block re-rendered; and the names of blocks whose content changed."""
+    changed: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"unknown report block {name!r}; valid blocks: {', '.join(sorted(RENDERERS))}")
+        body = "\n" + RENDERERS[name](root).strip("\n") + "\n"
+        if body != m["body"]:
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a committed block differs from its records")
+    ap.add_argument("--root", type=Path, default=ROOT)
+    args = ap.parse_args(argv)
+    stale = []
+    for rel in FILES:
+        path = args.root / rel
+        new, changed = render(path.read_text(), args.root)
+        if args.check:
+            stale += [f"{rel}: {n}" for n in changed]
+        elif changed:
+            path.write_text(new)
+            print(f"{rel}: re-rendered {', '.join(changed)}")
+    if args.check and stale:
+        print("stale report blocks (run python scripts/report.py): " + "; ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
