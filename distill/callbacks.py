@@ -83,7 +83,7 @@ class FIDCallback(L.Callback):
         plan = pl_module.sampling
         for k in self.nfes:
             x, nfe, sig = generate_student(student, k, self.n, self.seed, plan, batch_size=self.batch_size,
-                                           num_classes=num_classes)
+                                           num_classes=num_classes, class_probs=pl_module.teacher.class_probs)
             rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={plan.gamma})", grid=str([round(float(s), 4)
                               for s in sig.tolist()]), guidance=1.0, seed=self.seed, model="ema_student", step=step)
             row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)

@@ -51,17 +51,20 @@ class Provider:
         raise NotImplementedError
 
 
-class _Uniform(Provider):
-    """Uniform labels for a class-conditional teacher (``num_classes``), nothing otherwise."""
+class _Labels(Provider):
+    """Labels of a class-conditional teacher (``num_classes``), drawn from its class frequencies (``class_probs``;
+    uniform when it has none); nothing for an unconditional teacher."""
 
-    def __init__(self, name: str, seed: int, num_classes: int | None) -> None:
+    def __init__(self, name: str, seed: int, num_classes: int | None, probs: Tensor | None) -> None:
         super().__init__(name, seed)
-        self.num_classes = num_classes
+        self.num_classes, self.probs = num_classes, None if probs is None else probs.detach().double().cpu()
 
     def draw(self, k: int, n: int) -> dict[str, Tensor]:
         if not self.num_classes:
             return {}
         g = _generator(self.seed, k, self.name, "labels")
+        if self.probs is not None:
+            return {"labels": torch.multinomial(self.probs, n, replacement=True, generator=g)}
         return {"labels": torch.randint(self.num_classes, (n,), generator=g)}
 
 
@@ -97,7 +100,7 @@ class _Exact(Provider):
 @DATA_SOURCES.register("noise")
 def _noise(name: str, spec: DataSpec, teacher: Any, run: Mapping[str, Any]) -> Provider:
     check_kwargs(lambda: None, spec.options, "data source 'noise'")
-    return _Uniform(name, run["seed"], teacher.num_classes)
+    return _Labels(name, run["seed"], teacher.num_classes, teacher.class_probs)
 
 
 @DATA_SOURCES.register("exact")

@@ -107,10 +107,14 @@ class RingScorer(Scorer):
         g = torch.Generator().manual_seed(reference_seed)
         self.reference = teacher.sample(n_reference, generator=g)
         self.means = teacher.means.reshape(teacher.means.shape[0], -1).float()
+        # the true mixture: per-mode mass is scored against the weights, "off" against each mode's own width
+        self.weights = teacher.weights.detach().double().cpu()
+        self.stds = teacher.stds.detach().double().cpu()
         self.reference_seed = reference_seed
 
     def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
-        rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference)
+        rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference,
+                          weights=self.weights, stds=self.stds)
         rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
         n, n_ref = int(samples.shape[0]), int(self.reference.shape[0])
         name = f"{n_ref:,} exact"
@@ -163,10 +167,19 @@ def eval_generator(seed: int, purpose: str) -> torch.Generator:
     return generator(int(seed), "eval", purpose)
 
 
-def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None) -> tuple[Tensor, Tensor | None]:
+def draw_labels(n: int, num_classes: int | None, probs: Tensor | None, g: torch.Generator) -> Tensor | None:
+    """``[n]`` class labels: from ``probs`` (a teacher's class frequencies) or uniform; ``None`` if unconditional."""
+    if not num_classes:
+        return None
+    if probs is not None:
+        return torch.multinomial(probs.detach().double().cpu(), n, replacement=True, generator=g)
+    return torch.randint(0, num_classes, (n,), generator=g)
+
+
+def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None,
+           probs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     noise = torch.randn((n, *shape), generator=eval_generator(seed, "noise"))
-    cond = torch.randint(0, num_classes, (n,), generator=eval_generator(seed, "labels")) if num_classes else None
-    return noise, cond
+    return noise, draw_labels(n, num_classes, probs, eval_generator(seed, "labels"))
 
 
 @torch.no_grad()
@@ -176,7 +189,7 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 
     Returns ``(samples, measured_nfe)``.
     """
-    noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes)
+    noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes, teacher.class_probs)
     renoise = eval_generator(seed, "renoise")
     den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
     if diffusers:
@@ -199,14 +212,15 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 
 @torch.no_grad()
 def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan: SamplingPlan | None = None,
-                     batch_size: int = 1000, num_classes: int | None = None) -> tuple[Tensor, int, Tensor]:
+                     batch_size: int = 1000, num_classes: int | None = None,
+                     class_probs: Tensor | None = None) -> tuple[Tensor, int, Tensor]:
     """Samples from a student at ``nfe`` steps under ``plan`` (default :class:`students.SamplingPlan`).
 
     Returns ``(samples, measured_nfe, sigmas)``.
     """
     plan = plan or SamplingPlan()
     sigmas = plan.sigmas(nfe, student.sigma_max)
-    noise, cond = _noise(student.data_shape, n, seed, num_classes)
+    noise, cond = _noise(student.data_shape, n, seed, num_classes, class_probs)
     gen = eval_generator(seed, "renoise")
     was_training = student.training
     student.eval()

@@ -45,7 +45,7 @@ _EXAMPLE = "e.g. means: [[0, 0], [3, 0]], stds: [0.1, 0.3], weights: [0.8, 0.2]"
 def _numbers(value: Any, what: str) -> Tensor:
     """``value`` (a number, a possibly nested list, an array or a tensor) as float64, or one-line ConfigError."""
     if isinstance(value, Tensor):
-        return value.detach().to("cpu", torch.float64)
+        return value.detach().to(torch.float64)
     if isinstance(value, (str, bytes, dict)):
         raise ConfigError(f"mixture teacher: {what} must be numbers, got {value!r} ({_EXAMPLE})")
     try:
@@ -76,8 +76,10 @@ def _check_means(means: Any) -> Tensor:
             f"mixture teacher: means must be K >= 1 points of dimension >= 1, shape [K, D] (1-D data: [[0], [3]]), "
             f"got shape {list(m.shape)}; {_EXAMPLE}"
         )
-    if not bool(torch.isfinite(m).all()):
-        raise ConfigError(f"mixture teacher: means must be finite, got {m.reshape(m.shape[0], -1).tolist()}")
+    finite = torch.isfinite(m.reshape(m.shape[0], -1)).all(1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise ConfigError(f"mixture teacher: means must be finite, got means[{i}] = {m[i].reshape(-1).tolist()}")
     return m
 
 
@@ -187,6 +189,11 @@ class GaussianMixtureTeacher(Teacher):
         sigma = as_sigma(sigma, x).to(torch.float64)
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         return torch.logsumexp(self._log_resp(xf, sigma), dim=1)
+
+    @property
+    def class_probs(self) -> Tensor | None:
+        """The mixture weights when the label is the component (``conditional``), else ``None``."""
+        return self.weights if self.num_classes else None
 
     def sample(
         self, n: int, *, generator: torch.Generator | None = None, return_labels: bool = False

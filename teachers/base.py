@@ -73,6 +73,12 @@ class Teacher(nn.Module):
     def num_classes(self) -> int | None:
         return self.info.num_classes
 
+    @property
+    def class_probs(self) -> Tensor | None:
+        """Class frequencies of a class-conditional teacher's data (``[num_classes]``), or ``None`` for uniform.
+        Data-free training and evaluation draw labels from them."""
+        return None
+
     def native_sigmas(self) -> Tensor | None:
         """The teacher's native (training) noise levels, descending, or ``None`` for continuous-time teachers."""
         return None

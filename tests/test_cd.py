@@ -12,7 +12,7 @@ from _helpers import batch, ctx
 from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
 from losses.cd import icm_weight, karras_subgrid, pseudo_huber, squared_l2
-from students import FlowMapStudent, build_student, sample_student
+from students import FlowMapStudent, build_student
 from teachers import GaussianMixtureTeacher, ring
 
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ class ExactConsistencyStudent(FlowMapStudent):
 
 
 class IdentityStudent(FlowMapStudent):
-    """A parameter-free student with ``f(x, sigma) = x``: against a point-mass teacher every CD residual is closed form."""
+    """A parameter-free student with ``f(x, sigma) = x``: with a point-mass teacher every CD residual is closed form."""
 
     kind = "consistency"
 
@@ -157,7 +157,7 @@ def test_distances_and_weights_closed_form():
     big = terms["pseudo_huber", 1e4, "uniform"]
     assert big == pytest.approx(4 / (2 * 1e4) * terms["l2", None, "uniform"], rel=1e-3)
     assert terms["pseudo_huber", 1e-6, "icm"] == pytest.approx(float((zz.sqrt() - 1e-6 / delta).mean()), rel=1e-8)
-    assert terms["pseudo_huber", 1e-6, "icm"] == pytest.approx(1.5 * math.sqrt(math.pi / 2), rel=0.03)  # 4 SE
+    assert terms["pseudo_huber", 1e-6, "icm"] == pytest.approx(1.5 * math.sqrt(math.pi / 2), rel=0.03)  # 5 SE
     # In expectation the icm-weighted l2 telescopes: E[(s_hi - s_lo)] E[|z|^2 / D] = (sigma_max - sigma_min) / (N - 1)
     # for n uniform over the N - 1 intervals (16.0 here); the gaps span 56 to 0.08: the batch mean's standard error is
     # 1.8% (20 seeds), so 8% is 4.4 standard errors.
@@ -241,32 +241,112 @@ def test_ema_target_gets_no_gradient_and_moves_in_after_step():
     assert any(not torch.equal(p, b) for p, b in zip(target.parameters(), before))
 
 
-def test_tiny_consistency_student_learns_the_ring():
-    """A few hundred CD steps of a tiny MLP on the exact ring teacher: the 1-step samples move from noise-like to
-    the ring (mean radius -> 2, SW1 to exact samples down), the boundary condition holds exactly throughout."""
+class AffineConsistencyStudent(FlowMapStudent):
+    """A tiny linear consistency student: on each level sigma_n of the CD grid an affine map of x,
+    ``f(x, sigma_n) = c_skip x + c_out (a_n + b_n c_in x)`` with CM's boundary scalings (arXiv:2303.01469 App. C), so
+    ``f(x, sigma_min) = x`` exactly. For Gaussian data f* and CD's discrete fixed point are both affine in x at every
+    level, so the student can represent either exactly: what it converges to is the loss's fixed point."""
+
+    kind = "consistency"
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        super().__init__((1,), float(sigmas[-1]), float(sigmas[0]), S)
+        self.register_buffer("levels", sigmas.to(torch.float64))
+        self.a = torch.nn.Parameter(torch.zeros(len(sigmas) - 1, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.zeros(len(sigmas) - 1, dtype=torch.float64))
+
+    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
+        s = sigma_from.to(torch.float64)
+        i = (s[:, None].log() - self.levels[None].log()).abs().argmin(1).clamp(max=len(self.a) - 1)
+        c_skip = S**2 / ((s - self.sigma_min) ** 2 + S**2)
+        c_out = (s - self.sigma_min) * S / (s**2 + S**2).sqrt()
+        c_in = 1 / (s**2 + S**2).sqrt()
+        return c_skip[:, None] * x + c_out[:, None] * (self.a[i, None] + self.b[i, None] * c_in[:, None] * x)
+
+
+def map_errors(student, teacher, sigmas: torch.Tensor, per_level: int = 512) -> dict[str, torch.Tensor]:
+    """Per-level RMSE, at typical points ``x = M + sqrt(S^2 + sigma_n^2) z`` of every grid level, of the student's map
+    ``f(x, sigma_n)`` against f* (closed form) and against CD's discrete fixed point, the teacher's Heun chain from
+    ``sigma_n`` down to ``sigma_min`` (``f(x, s_n) = f(Heun(x), s_{n+1})``, ``f(., sigma_min) = id``); and ``gap``, the
+    chain against f* (the grid's own discretisation error, no student involved)."""
+    from distill.core.solver_steps import heun_step  # not the loss's SOLVERS table: an independent reference
+
+    sig = sigmas.to(torch.float64)
+    z = torch.randn(len(sig), per_level, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x = (M + (S**2 + sig[:, None] ** 2).sqrt() * z).reshape(-1, 1)
+    s = sig.repeat_interleave(per_level)
+    level = torch.arange(len(sig)).repeat_interleave(per_level)
+    chain = x.clone()
+    for j in range(len(sig) - 1):
+        m = level <= j
+        chain[m] = heun_step(teacher, chain[m], float(sig[j]), float(sig[j + 1]))
+    dtype = next(student.parameters()).dtype
+    with torch.no_grad():
+        f = student.denoise(x.to(dtype), s.to(dtype)).to(torch.float64)
+    exact = exact_consistency(x, s)
+
+    def rmse(a, b):
+        return (a - b).pow(2).reshape(len(sig), per_level).mean(1).sqrt()
+
+    return {"exact": rmse(f, exact), "fixed_point": rmse(f, chain), "gap": rmse(chain, exact)}
+
+
+def total(per_level: torch.Tensor) -> float:
+    return float(per_level.pow(2).mean().sqrt())
+
+
+def test_tiny_linear_consistency_student_learns_the_closed_form_map():
+    """600 CD steps (Heun, 18 levels, l2, stop-gradient target) on exact Gaussian data N(M, S^2): the student lands
+    on CD's discrete fixed point (RMSE < 1e-3; measured < 1e-6) and so within the grid's own discretisation gap of the
+    ideal map f*(x, sigma) = M + (x - M) S / sqrt(S^2 + sigma^2) (gap: RMSE 0.0209 over the levels, 0.0286 at
+    sigma_max, the 1-step map; deterministic). Started from f = c_skip x (RMSE 0.85 to f*). Fails (checked) when the
+    loss's teacher step is skipped (RMSE 11 to the fixed point) or is an Euler step (0.08: it lands on the Euler
+    chain)."""
     torch.manual_seed(0)
-    teacher = ring()
-    student = build_student("consistency", teacher, init="fresh", hidden=64, depth=3)
-    loss = build_loss("cd", num_levels=12, target="ema", target_decay=0.9)
+    teacher = gaussian_teacher()
+    loss = build_loss("cd", num_levels=18)
+    loss.setup(None, teacher, ctx())
+    student = AffineConsistencyStudent(loss.sigmas)
     loss.setup(student, teacher, ctx())
-    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    init = map_errors(student, teacher, loss.sigmas)
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    ref, noise = teacher.sample(2000, generator=g), torch.randn(2000, 2, generator=g)
-    directions = torch.nn.functional.normalize(torch.randn(64, 2, generator=g), dim=1)
+    for k in range(600):
+        x0 = M + S * torch.randn(256, 1, generator=g, dtype=torch.float64)
+        out = loss("student", student, teacher, batch(x0, k=k), ctx(k))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    err = map_errors(student, teacher, loss.sigmas)
+    gap = total(err["gap"])
+    assert 0.0209 / 1.1 < gap < 0.0209 * 1.1, gap  # the 18-level Heun grid's error (no training involved)
+    assert total(init["exact"]) > 0.5, total(init["exact"])
+    assert total(err["fixed_point"]) < 1e-3, err["fixed_point"]
+    assert total(err["exact"]) < 1.1 * gap, (total(err["exact"]), gap)
+    assert float(err["exact"][0]) < 0.035, err["exact"]  # the 1-step map f(sigma_max z, sigma_max)
 
-    def sw1() -> float:
-        with torch.no_grad():
-            x = sample_student(student, noise, torch.tensor([teacher.sigma_max, 0.0]))
-        return float(((x @ directions.T).sort(0).values - (ref @ directions.T).sort(0).values).abs().mean())
 
-    sw_init = sw1()
+def test_tiny_mlp_consistency_student_approaches_the_closed_form_map():
+    """The real fresh-MLP consistency student with an EMA target, 400 CD steps on exact Gaussian data: its map is
+    within RMSE 0.05 of f* over the 18 levels (measured 0.038; 0.027-0.038 over 5 seeds; CD's own discretisation gap
+    is 0.021, the untrained student 0.89), and the boundary condition f(x, sigma_min) = x holds exactly. An Euler
+    teacher step in the loss gives 0.058 and fails (checked)."""
+    torch.manual_seed(0)
+    teacher = gaussian_teacher()
+    student = build_student("consistency", teacher, init="fresh", hidden=32, depth=2)
+    loss = build_loss("cd", num_levels=18, target="ema", target_decay=0.9)
+    loss.setup(student, teacher, ctx())
+    init = map_errors(student, teacher, loss.sigmas)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
     for k in range(400):
-        out = loss("student", student, teacher, batch(teacher.sample(256), k=k), ctx(k))
+        x0 = (M + S * torch.randn(256, 1, generator=g)).float()
+        out = loss("student", student, teacher, batch(x0, k=k), ctx(k))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         loss.after_step("student", student, ctx(k))
-    sw_end = sw1()
-    assert sw_end < 0.5 * sw_init, (sw_init, sw_end)
-    x = ref[:128]
-    assert torch.equal(student.denoise(x, torch.full((128,), teacher.sigma_min)), x)
+    err = map_errors(student, teacher, loss.sigmas)
+    assert total(init["exact"]) > 0.5 and total(err["exact"]) < 0.05, (total(init["exact"]), err["exact"])
+    x = torch.linspace(-3, 3, 16)[:, None]
+    assert torch.equal(student.denoise(x, torch.full((16,), teacher.sigma_min)), x)

@@ -4,9 +4,10 @@ Every random draw of the project comes from a stream named by what it is for: a 
 draws (``seed, iteration, "draw", i``), a data batch (``seed, iteration, spec``), an evaluation's initial noise,
 re-noising and labels (``seed, "eval", "noise" | "renoise" | "labels"``), the teacher-pair cache's shards (the
 exact scorer's reference set is one fixed, documented seed). The tuple is hashed (sha256, 63 bits) into the seed of
-a fresh Mersenne-Twister generator, so distinct tuples give unrelated streams: unlike ``Generator(seed)`` and ``Generator(seed + 1)`` for
-two purposes, no stream is another's continuation (the overlap that made "seed s re-noising == seed s + 1 initial
-noise"). ``tests/test_streams.py`` checks that the evaluation streams of seeds 0-9 share no draws.
+a fresh Mersenne-Twister generator, so distinct tuples give unrelated streams: unlike ``Generator(seed)`` and
+``Generator(seed + 1)`` for two purposes, no stream is another's continuation (the overlap that made "seed s
+re-noising == seed s + 1 initial noise"). ``tests/test_streams.py`` checks that the evaluation streams of seeds
+0-9 share no draws.
 """
 
 from __future__ import annotations
