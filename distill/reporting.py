@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["summarise", "student_summary", "teacher_summary", "suite_markdown", "provenance", "fmt",
+__all__ = ["commit_of", "summarise", "student_summary", "teacher_summary", "suite_markdown", "provenance", "fmt",
            "curve_markdown", "solver_markdown"]
 
 Cell = tuple[float, float, str]
@@ -66,9 +66,15 @@ def teacher_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, Ce
     return {k: {n: summarise(v) for n, v in sorted(d.items())} for k, d in out.items()}
 
 
+def commit_of(env: Mapping[str, Any] | None) -> str:
+    """A record's commit, short (``+dirty`` kept: the tree had uncommitted changes when it was measured)."""
+    full = (env or {}).get("git_commit") or "?"
+    return full[:12] + ("+dirty" if full.endswith("+dirty") else "")
+
+
 def provenance(record: Mapping[str, Any], path: str) -> str:
     env = record.get("environment", {})
-    commit = (env.get("git_commit") or "?")[:12]
+    commit = commit_of(env)
     return (f"_Record `{path}` ({record.get('script', '?')}): commit `{commit}`, {env.get('machine', '?')}, torch "
             f"{env.get('torch', '?')}, {record.get('wall_s', '?')} s wall-clock._")
 

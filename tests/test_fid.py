@@ -343,7 +343,12 @@ def test_digits_fid_calibration(digits, extractor):
     g = torch.Generator().manual_seed(0)
     resampled = images[torch.randint(0, len(images), (2000,), generator=g)]
     floor = _fid(resampled, extractor)
-    assert 0.0 < floor < 3.0
+    # The floor at 2,000 samples is ~1.0 +- 0.4 over sampling seeds (docs/bench/calibration.json); on this fixed draw
+    # it must sit in [0.4, 1.6], below a set that is only nearly real (digits + mild noise, FID ~2: the quality of a
+    # good 2-NFE student), so the band separates "at the floor" from "close to it".
+    assert 0.4 < floor < 1.6, floor
+    jittered = (resampled + 0.1 * torch.randn(resampled.shape, generator=g)).clamp(-1, 1)  # real digits + mild noise
+    assert _fid(jittered, extractor) > 1.6
     noise = _fid(torch.randn(2000, 1, 8, 8, generator=g), extractor)
     assert noise > 100
     # 3x3 Gaussian blur (std 1 px), background value -1 outside the image
