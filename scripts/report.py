@@ -237,7 +237,24 @@ def bars(root: Path) -> str:
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
 
 
+def main_job(root: Path) -> str:
+    """The README's main-job cost: the digits suite's run of ``configs/digits_cd.yaml`` (the same command)."""
+    rel = BENCH / "digits.json"
+    rec = _load(rel, root)
+    if not rec or "digits_cd" not in rec["runs"]:
+        return _missing(rel, "python scripts/bench.py digits")
+    run = rec["runs"]["digits_cd"][0]
+    part = run["parts"][-1]
+    total = part["train_s"] + (part["eval_s"] or 0.0)
+    return (f"{run['iterations']} iterations in {part['train_s'] / 60:.1f} minutes ({part['iterations_per_s']:.2f} "
+            f"it/s), then {(part['eval_s'] or 0.0) / 60:.1f} minutes of evaluation: {total / 60:.1f} minutes after "
+            f"start-up, peak memory {part['peak_rss_mb'] / 1024:.1f} GiB, on {part['machine']} with "
+            f"{part['threads']} threads (`{rel}`, commit `{commit_of(part)}`; the machine was shared, so an idle one "
+            "is faster).")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "main-job": main_job,
     "results": results,
     "bars": bars,
     "calibration": calibration,
