@@ -74,6 +74,19 @@ def solvers(name: str, config: str) -> Callable[[Path], str]:
     return render
 
 
+def suite_solvers(name: str) -> Callable[[Path], str]:
+    """A suite's teacher-solver rows (``scripts/bench.py`` scores them at the suite's NFEs and sampling seeds)."""
+
+    def render(root: Path) -> str:
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        if not rec:
+            return _missing(rel, f"python scripts/bench.py {name}")
+        return solver_markdown(rec["teacher_rows"], str(rel), f"The teacher rows of suite `{name}`.")
+
+    return render
+
+
 def calibration(root: Path) -> str:
     rel = BENCH / "calibration.json"
     rec = _load(rel, root)
@@ -302,7 +315,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "ring-floor": ring_floor,
     "speedup": speedup,
     "teacher-ring": solvers("ring_teacher", "ring_teacher"),
-    "teacher-digits": solvers("digits_teacher", "digits_teacher"),
+    "teacher-digits": suite_solvers("digits"),
     "suite-ring": suite("ring"),
     "suite-digits": suite("digits"),
     "suite-digits_dmd2": suite("digits_dmd2"),
