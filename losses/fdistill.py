@@ -12,7 +12,7 @@ DMD. The divergences, their ``f, f''`` and ``h`` and the weight normalisation ar
   *real-side* samples and noised generator samples at the same ``dm_sigma`` level. Its optimal logit is
   ``log p_sigma / q_sigma`` (Goodfellow et al. 2014; the paper's GAN-based ratio estimator). The real side is the run's
   ``DataSpec("real")``: real data (the paper's choice, which takes the teacher to model the data) or, with
-  ``data.name: teacher``, exact samples of an analytic teacher, which makes the estimated ratio exactly ``p / q``.
+  ``data.name: teacher``, exact samples of an analytic teacher, so the ratio it estimates is the teacher's ``p / q``.
 * ``student``: ``x = G(z)``, ``x_t = x + sigma n``; ``g = dmd_gradient(x, mu_real, mu_fake)`` (DMD eq. 7-8), each row
   scaled by ``h_hat`` from ``D(x_t)``: logit clamped to +-``logit_clamp``, ``r`` to ``[ratio_min, ratio_max]``,
   divided by its running mean in its noise-level bin (``ratio_bins`` Karras-index bins, decay ``ratio_ema``), then

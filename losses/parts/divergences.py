@@ -93,12 +93,12 @@ def _global_sum(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def fdistill_weights(name: str, logit: Tensor, bins: Tensor, running: Tensor | None, ema: float = 0.0,
-                     logit_clamp: float = 10.0, r_min: float = 0.1, r_max: float = 20.0
+                     logit_clamp: float = 10.0, ratio_min: float = 0.1, ratio_max: float = 20.0
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample f-distill weights ``h_hat: [B]`` with batch mean 1 from discriminator logits (the paper's two-stage
     normalisation):
 
-    1. ``l = clamp(logit, -logit_clamp, logit_clamp)``, then ``r = exp(l)`` clamped to ``[r_min, r_max]``;
+    1. ``l = clamp(logit, -logit_clamp, logit_clamp)``, then ``r = exp(l)`` clamped to ``[ratio_min, ratio_max]``;
     2. per noise-level bin ``b``: ``m_b <- ema m_b + (1 - ema) mean_{rows in b} r`` (bins absent from the batch keep
        their value; ``ema = 0`` uses the batch alone), and ``r <- r / m_b`` (skipped when ``running`` is ``None``);
     3. ``h = h(r)`` (:func:`h_of_log_ratio`), ``h_hat = h / mean_batch h``.
@@ -116,7 +116,7 @@ def fdistill_weights(name: str, logit: Tensor, bins: Tensor, running: Tensor | N
     """
     bad = ~torch.isfinite(logit)
     log_r = torch.where(bad, torch.zeros_like(logit), logit).double()
-    log_r = log_r.clamp(-logit_clamp, logit_clamp).clamp(math.log(r_min), math.log(r_max))
+    log_r = log_r.clamp(-logit_clamp, logit_clamp).clamp(math.log(ratio_min), math.log(ratio_max))
     good = (~bad).double()
     if running is not None:
         n = running.numel()
