@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.core.conversions import append_dims
@@ -33,6 +32,7 @@ from students import SamplingPlan
 
 from . import parts, register_loss
 from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .parts import regression as reg
 
 __all__ = ["DMD2"]
 
@@ -87,17 +87,9 @@ class DMD2(DistillLoss):
             raise ConfigError(f"dmd2: GAN weights must be >= 0, got gan_weight={gan_weight}, "
                               f"gan_critic_weight={gan_critic_weight}")
         parts.check_fake_config("dmd2", fake_init, fake_hidden, fake_depth)
-        for key, val in (("regression_steps", regression_steps), ("fake_warmup", fake_warmup)):
-            if int(val) != val or val < 0:
-                raise ConfigError(f"dmd2: {key} must be an integer >= 0, got {val!r}")
-        if regression_weight < 0:
-            raise ConfigError(f"dmd2: regression_weight must be >= 0, got {regression_weight}")
-        bad_pairs = int(regression_pairs) != regression_pairs or regression_pairs < 1
-        if (regression_steps > 0 or regression_weight > 0) and bad_pairs:
-            raise ConfigError(f"dmd2: regression_pairs must be an integer >= 1, got {regression_pairs!r}")
-        if int(regression_nfe) != regression_nfe or regression_nfe < 3 or regression_nfe % 2 == 0:
-            raise ConfigError(f"dmd2: regression_nfe must be an odd integer >= 3 (Heun: 2N - 1), got "
-                              f"{regression_nfe!r}")
+        reg.check_regression_config("dmd2", regression_steps, regression_pairs, regression_nfe, regression_weight)
+        if int(fake_warmup) != fake_warmup or fake_warmup < 0:
+            raise ConfigError(f"dmd2: fake_warmup must be an integer >= 0, got {fake_warmup!r}")
         self.student_sigmas = parts.check_levels("dmd2", student_sigmas)
         self.critic_updates, self.guidance, self.dm_eps = int(critic_updates), float(guidance), float(dm_eps)
         self.dm_sigma, self.fake_sigma = dm_sigma, fake_sigma
@@ -125,18 +117,13 @@ class DMD2(DistillLoss):
 
     def phases_for_step(self, step: int) -> list[str]:
         """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
-        if step < self.regression_steps:
-            return ["student"]
-        if step < self.regression_steps + self.fake_warmup:
-            return ["critic"]
-        return super().phases_for_step(step - self.regression_steps - self.fake_warmup)
+        return reg.warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
 
     def data_specs(self) -> dict[str, DataSpec]:
         """Real data with a GAN head (else noise only), and teacher ODE pairs ``"pairs"`` when regressing."""
         specs = {"data": DataSpec("real" if self.needs_data else "noise")}
         if self.regression_steps > 0 or self.regression_weight > 0:
-            specs["pairs"] = DataSpec("teacher_pairs", options={"n": self.regression_pairs,
-                                                                "nfe": self.regression_nfe, "guidance": self.guidance})
+            specs["pairs"] = reg.pairs_spec(self.regression_pairs, self.regression_nfe, self.guidance)
         return specs
 
     def sampling(self) -> SamplingPlan | None:
@@ -170,8 +157,8 @@ class DMD2(DistillLoss):
             return self._critic(student, teacher, batch, ctx)
         if phase == "student":
             if ctx.iteration < self.regression_steps:
-                reg, x = self._regression(student, teacher, batch, ctx)
-                return {"loss": reg, "regression": reg.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
+                r_loss, x = reg.pair_regression("dmd2", student, batch, ctx, teacher.sigma_max)
+                return {"loss": r_loss, "regression": r_loss.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
             return self._student(student, teacher, batch, ctx)
         raise ValueError(f"dmd2: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
 
@@ -204,18 +191,6 @@ class DMD2(DistillLoss):
         out["loss"] = loss
         return out
 
-    def _regression(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
-                    ) -> tuple[Tensor, Tensor]:
-        """``(mean ||G(sigma_max z) - ODE(z)||^2, sg(G(sigma_max z)))`` on the batch's teacher pairs (DMD eq. 9 with
-        L2 instead of LPIPS, so that it applies to any data); ``pairs.z, pairs.x0: [B, ...]``, ``pairs.labels: [B]``."""
-        if "pairs.z" not in batch.extras:
-            raise ValueError("dmd2: regression needs teacher pairs in batch.extras ('pairs.z', 'pairs.x0')")
-        z = batch.extras["pairs.z"].to(device=ctx.device, dtype=ctx.dtype)
-        x0 = batch.extras["pairs.x0"].to(device=ctx.device, dtype=ctx.dtype)
-        s = torch.full((z.shape[0],), float(teacher.sigma_max), device=ctx.device, dtype=ctx.dtype)
-        x = student(s[0] * z, s, torch.zeros_like(s), batch.extras.get("pairs.labels"))
-        return F.mse_loss(x, x0), x.detach()
-
     def _student(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         x = self._generate(student, teacher, batch, ctx)
         xd, cond = x.detach(), batch.labels
@@ -236,8 +211,8 @@ class DMD2(DistillLoss):
             loss = loss + self.gan_weight * gan_g
             out["gan_g"] = gan_g.detach()
         if self.regression_weight > 0:
-            reg = self._regression(student, teacher, batch, ctx)[0]
-            loss = loss + self.regression_weight * reg
-            out["regression"] = reg.detach()
+            r_loss = reg.pair_regression("dmd2", student, batch, ctx, teacher.sigma_max)[0]
+            loss = loss + self.regression_weight * r_loss
+            out["regression"] = r_loss.detach()
         out["loss"] = loss
         return out

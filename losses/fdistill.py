@@ -126,11 +126,7 @@ class FDistill(DistillLoss):
 
     def phases_for_step(self, step: int) -> list[str]:
         """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
-        if step < self.regression_steps:
-            return ["student"]
-        if step < self.regression_steps + self.fake_warmup:
-            return ["critic"]
-        return super().phases_for_step(step - self.regression_steps - self.fake_warmup)
+        return reg.warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
 
     def data_specs(self) -> dict[str, DataSpec]:
         """Real-side samples for the ratio estimator, and teacher ODE pairs ``"pairs"`` when regressing."""

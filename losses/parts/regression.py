@@ -8,6 +8,8 @@ with ``(z, ODE(z))`` from the run's teacher-pair cache (data spec ``"pairs"``, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +18,7 @@ from distill.core.registry import ConfigError
 
 from ..base import Batch, DataSpec, StepContext
 
-__all__ = ["check_regression_config", "pairs_spec", "pair_regression"]
+__all__ = ["check_regression_config", "pairs_spec", "pair_regression", "warm_start_phases"]
 
 
 def check_regression_config(owner: str, steps: int, pairs: int, nfe: int, weight: float) -> None:
@@ -46,3 +48,15 @@ def pair_regression(owner: str, student: nn.Module, batch: Batch, ctx: StepConte
     s = torch.full((z.shape[0],), float(sigma_max), device=ctx.device, dtype=ctx.dtype)
     x = student(s[0] * z, s, torch.zeros_like(s), batch.extras.get("pairs.labels"))
     return F.mse_loss(x, x0), x.detach()
+
+
+def warm_start_phases(step: int, regression_steps: int, fake_warmup: int, ttur: Callable[[int], list[str]],
+                      student: str = "student", critic: str = "critic") -> list[str]:
+    """The phases of iteration ``step`` under DMD2's warm-start schedule: ``regression_steps`` of regression (the
+    student phase only), then ``fake_warmup`` critic-only iterations (the fake score fits the warm-started
+    generator), then the two-time-scale schedule ``ttur`` counted from the end of the warm-ups."""
+    if step < regression_steps:
+        return [student]
+    if step < regression_steps + fake_warmup:
+        return [critic]
+    return ttur(step - regression_steps - fake_warmup)
