@@ -221,12 +221,19 @@ def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan:
     plan = plan or SamplingPlan()
     sigmas = plan.sigmas(nfe, student.sigma_max)
     noise, cond = _noise(student.data_shape, n, seed, num_classes, class_probs)
-    gen = eval_generator(seed, "renoise")
+    # Every sample's re-noising draws are fixed up front ([steps, n, ...]), so a sample does not depend on batching.
+    renoise = torch.randn((max(0, len(sigmas) - 2), n, *student.data_shape), generator=eval_generator(seed, "renoise"))
     was_training = student.training
     student.eval()
+    start = [0]
+
+    def run(z: Tensor, c: Tensor | None) -> Tensor:
+        a = start[0]
+        start[0] += z.shape[0]
+        return sample_student(student, z, sigmas, gamma=plan.gamma, cond=c, renoise=renoise[:, a:a + z.shape[0]])
+
     with count_nfe(student, "x0_estimate") as counter:
-        x = _batched(lambda z, c: sample_student(student, z, sigmas, gamma=plan.gamma, cond=c, generator=gen),
-                     noise, cond, batch_size)
+        x = _batched(run, noise, cond, batch_size)
     student.train(was_training)
     return x.float(), counter.calls // math.ceil(n / batch_size), sigmas
 

@@ -25,6 +25,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the runs' folders go")
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one thread each)")
+    ap.add_argument("--reuse-teacher", action="store_true",
+                    help="take the teacher rows from the existing <out>/<suite>.json (deterministic solvers only)")
     ap.add_argument("--reeval", action="store_true",
                     help="do not train: score the suite's finished runs in --runs again with this code's evaluation")
     args = ap.parse_args(argv)
@@ -153,10 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, args.jobs))
     teacher = build_teacher(to_container(first.teacher))
     scorer = scorer_for(first, teacher)
-    t_rows = teacher_table(teacher, scorer, list(suite["teacher_samplers"]), list(suite["teacher_grids"]),
-                           list(suite["nfe"]), list(suite["sample_seeds"]), suite["n_samples"],
-                           diffusers_samplers=list(suite["diffusers_samplers"]), batch_size=suite["n_samples"],
-                           progress=False)
+    old = args.out / f"{args.suite}.json"
+    if args.reuse_teacher and old.is_file():
+        t_rows = [SimpleNamespace(**r) for r in json.loads(old.read_text())["teacher_rows"]]
+    else:
+        t_rows = teacher_table(teacher, scorer, list(suite["teacher_samplers"]), list(suite["teacher_grids"]),
+                               list(suite["nfe"]), list(suite["sample_seeds"]), suite["n_samples"],
+                               diffusers_samplers=list(suite["diffusers_samplers"]), batch_size=suite["n_samples"],
+                               progress=False)
     t_rows = [r.__dict__ for r in t_rows]
     metric = scorer.metric
     record = {"script": "scripts/bench.py", "suite": args.suite, "definition": suite, "metric": metric,

@@ -100,6 +100,7 @@ def sample_student(
     cond: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    renoise: Tensor | None = None,
 ) -> Tensor:
     """Sample with ``len(sigmas) - 1`` student jumps (1 NFE each) and CTM gamma re-noising.
 
@@ -110,6 +111,8 @@ def sample_student(
         gamma: stochasticity in ``[0, 1]`` (0: deterministic jumps, 1: multistep consistency sampling).
         cond: conditioning passed to the student.
         generator: RNG for the re-noising draws (``None``: torch's global RNG).
+        renoise: ``[N - 1, B, ...]`` standard-normal re-noising draws to use instead of ``generator`` (row ``i`` for
+            the jump into ``sigmas[i + 1]``): what a sample gets then does not depend on how a set is batched.
     Returns:
         ``[B, ...]`` samples.
     """
@@ -120,7 +123,7 @@ def sample_student(
         raise ValueError(f"sigmas must be strictly descending with at least 2 entries and end in 0, got {sig}")
     scale = math.sqrt(1.0 - float(gamma) ** 2)
     x = sig[0] * noise
-    for s, t in zip(sig[:-1], sig[1:]):
+    for i, (s, t) in enumerate(zip(sig[:-1], sig[1:])):
         if t == 0.0:
             # Final step: a plain jump to the data (no re-noising target).
             x = student(x, s, 0.0, cond)
@@ -129,6 +132,7 @@ def sample_student(
         x = student(x, s, u, cond)
         if u < t:
             # Fresh noise brings the marginal from level u back up to t (variances add in VE coordinates).
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            z = renoise[i].to(x) if renoise is not None else torch.randn(x.shape, generator=generator,
+                                                                           dtype=x.dtype, device=x.device)
             x = x + math.sqrt(t * t - u * u) * z
     return x
