@@ -306,8 +306,9 @@ def main_job(root: Path) -> str:
     return (f"{run['iterations']} iterations in {part['train_s'] / 60:.1f} minutes ({part['iterations_per_s']:.2f} "
             f"it/s on {part['threads']} threads), then {(part['eval_s'] or 0.0) / 60:.1f} minutes of evaluation: "
             f"{total / 60:.1f} minutes after start-up, peak memory {part['peak_rss_mb'] / 1024:.1f} GiB, "
-            f"{part['machine']}; mean FID over sampling seeds {run['eval_seeds']}: {fids} (`{rel}`, commit "
-            f"`{commit_of(part)}`).")
+            f"{part['machine']}; mean FID over sampling seeds {run['eval_seeds']}: {fids} (`{rel}`, trained at commit "
+            f"`{commit_of(part)}`" + (f", scored at `{commit_of(run['reevaluated'])}`" if run.get("reevaluated")
+                                      else "") + ").")
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
