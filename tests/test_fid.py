@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import distill.fid as fid_module
+import distill.reference_stats as fid_module
 from distill.core.data import load_digits_tensor
 from distill.core.registry import ConfigError
 from distill.features import (
