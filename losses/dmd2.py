@@ -180,14 +180,9 @@ class DMD2(DistillLoss):
         dsm = parts.fake_dsm_loss(self.fake, x, sigma, noise, batch.labels, sd).mean()
         out, loss = {"dsm": dsm.detach()}, dsm
         if self.gan_weight > 0:  # diffusion-GAN classifier on noised real vs noised generated samples (DMD2 §4.3)
-            if batch.data is None:
-                raise ValueError("dmd2: gan_weight > 0 needs real data (batch.data) for the critic's classifier")
-            logit_f = self._logits(x, batch)
-            logit_r = self._logits(batch.data.to(device=ctx.device, dtype=ctx.dtype), batch)
-            gan_d = parts.gan_critic_loss(logit_f, logit_r)
+            gan_d, terms = parts.gan_critic_terms("dmd2", self._logits, x, batch, ctx.device, ctx.dtype)
             loss = loss + self.gan_critic_weight * gan_d
-            out.update(gan_d=gan_d.detach(), d_real=torch.sigmoid(logit_r).mean().detach(),
-                       d_fake=torch.sigmoid(logit_f).mean().detach())
+            out.update(terms)
         out["loss"] = loss
         return out
 

@@ -176,14 +176,9 @@ class SiD(DistillLoss):
         dsm = parts.fake_dsm_loss(self.fake, x, sigma, batch.randn_like(x), batch.labels, teacher.sigma_data).mean()
         out, loss = {"dsm": dsm.detach()}, dsm
         if self.gan_weight > 0:  # SiDA: classify noised real vs generated samples on the fake score's encoder
-            if batch.data is None:
-                raise ValueError("sid: gan_weight > 0 needs real data (batch.data) for the critic's classifier")
-            logit_f = self._logits(x, batch)
-            logit_r = self._logits(batch.data.to(device=ctx.device, dtype=ctx.dtype), batch)
-            gan_d = parts.gan_critic_loss(logit_f, logit_r)
+            gan_d, terms = parts.gan_critic_terms("sid", self._logits, x, batch, ctx.device, ctx.dtype)
             loss = loss + self.gan_critic_weight * gan_d
-            out.update(gan_d=gan_d.detach(), d_real=torch.sigmoid(logit_r).mean().detach(),
-                       d_fake=torch.sigmoid(logit_f).mean().detach())
+            out.update(terms)
         out["loss"] = loss
         return out
 

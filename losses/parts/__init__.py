@@ -16,6 +16,7 @@ from .gan import (
     build_gan_head,
     feature_module,
     gan_critic_loss,
+    gan_critic_terms,
     gan_generator_loss,
     no_param_grad,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "build_gan_head",
     "feature_module",
     "gan_critic_loss",
+    "gan_critic_terms",
     "gan_generator_loss",
     "no_param_grad",
     "check_levels",

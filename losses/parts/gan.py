@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from distill.core.registry import ConfigError
 
 __all__ = ["FeatureTap", "GANHead", "feature_module", "build_gan_head", "gan_generator_loss", "gan_critic_loss",
-           "no_param_grad"]
+           "gan_critic_terms", "no_param_grad"]
 
 
 class _FeaturesReady(Exception):
@@ -166,3 +166,24 @@ def no_param_grad(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+
+
+def gan_critic_terms(owner: str, logits: Callable[[Tensor, Any], Tensor], fake: Tensor, batch: Any,
+                     device: torch.device, dtype: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic's diffusion-GAN classifier on noised generated vs noised real samples (DMD2 eq. 5; SiDA):
+    ``(loss, logged terms)``.
+
+    Args:
+        owner: the loss's name, for the error when the batch carries no real data.
+        logits: ``(x [B, ...], batch) -> [B]`` logits of ``x`` re-noised by the loss (its sigma density, its draws);
+            called on ``fake`` first, then on ``batch.data``, so the batch's draws keep their order.
+        fake: ``[B, ...]`` detached generated samples.
+        batch: the phase's :class:`losses.base.Batch` (``batch.data`` the real samples).
+    """
+    if batch.data is None:
+        raise ValueError(f"{owner}: gan_weight > 0 needs real data (batch.data) for the critic's classifier")
+    logit_f = logits(fake, batch)
+    logit_r = logits(batch.data.to(device=device, dtype=dtype), batch)
+    loss = gan_critic_loss(logit_f, logit_r)
+    return loss, {"gan_d": loss.detach(), "d_real": torch.sigmoid(logit_r).mean().detach(),
+                  "d_fake": torch.sigmoid(logit_f).mean().detach()}
