@@ -17,3 +17,15 @@ def batch(data: torch.Tensor | None = None, labels: torch.Tensor | None = None, 
     size = size if size is not None else int(data.shape[0])
     dtype = dtype or (data.dtype if data is not None else torch.float32)
     return Batch(size, data, labels, extras, seed=seed, iteration=k, dtype=dtype)
+
+
+def fit(step, params, steps: int, lr: float) -> None:
+    """Adam with a cosine-annealed lr for ``steps`` steps on ``step(i) -> scalar loss`` (the closed-form convergence
+    tests of the distribution-matching losses)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for i in range(steps):
+        opt.zero_grad()
+        step(i).backward()
+        opt.step()
+        sched.step()

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _helpers import fit
 from torch import Tensor, nn
 
 from distill.core.precond import edm_scalings
@@ -163,16 +164,6 @@ def test_gradient_injection_surrogate_value():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fit(step_fn, params, steps: int, lr: float) -> None:
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for i in range(steps):
-        opt.zero_grad()
-        step_fn(i).backward()
-        opt.step()
-        sched.step()
-
-
 def test_gaussian_generator_converges_with_pure_functions():
     torch.manual_seed(3)
     gen = GaussianGenerator(1.0, 0.0)
@@ -187,7 +178,7 @@ def test_gaussian_generator_converges_with_pure_functions():
         mu_fake = gaussian_denoiser(x_t, sigma, gen.b.detach(), gen.a.detach().abs())
         return gradient_injection_loss(x, dmd_gradient(x.detach(), mu_real, mu_fake)[0])
 
-    _fit(step, gen.parameters(), steps=400, lr=5e-2)
+    fit(step, gen.parameters(), steps=400, lr=5e-2)
     assert abs(gen.a.item() - TARGET_S) < 1e-2 and abs(gen.b.item() - TARGET_M) < 1e-2, (gen.a.item(), gen.b.item())
 
 
@@ -205,7 +196,7 @@ def test_gaussian_generator_converges_through_the_loss_object():
     """The same fit, through DMD2's student phase (sigma_max z input, DMD2 grid, normaliser, surrogate)."""
     teacher, gen, loss = _gaussian_setup(1.0, 0.0)
     c = ctx(dtype=F64)
-    _fit(lambda i: loss("student", gen, teacher, batch(1024, iteration=i), c)["loss"], gen.parameters(), 400, 5e-2)
+    fit(lambda i: loss("student", gen, teacher, batch(1024, iteration=i), c)["loss"], gen.parameters(), 400, 5e-2)
     assert abs(gen.a.item() - TARGET_S) < 1e-2 and abs(gen.b.item() - TARGET_M) < 1e-2, (gen.a.item(), gen.b.item())
     # at the optimum the injected gradient vanishes
     with torch.no_grad():
@@ -273,7 +264,7 @@ def test_critic_phase_dsm_minimiser_is_the_gaussian_posterior_mean(sig):
     fake = AffineFake()
     loss.fake = fake
     c = ctx(dtype=F64)
-    _fit(lambda i: loss("critic", gen, teacher, batch(4096, iteration=i), c)["loss"], fake.parameters(), 300, 5e-2)
+    fit(lambda i: loss("critic", gen, teacher, batch(4096, iteration=i), c)["loss"], fake.parameters(), 300, 5e-2)
     den = TARGET_S**2 + sig**2
     assert fake.alpha.item() == pytest.approx(TARGET_S**2 / den, abs=1e-2)
     assert fake.beta.item() == pytest.approx(sig**2 * TARGET_M / den, abs=1e-2)
@@ -534,7 +525,7 @@ def test_regression_phase_fits_the_ode_map():
     assert set(out) >= {"loss", "regression"} and "dm_grad_norm" not in out
     with pytest.raises(ValueError, match="pairs"):
         loss("student", gen, teacher, batch(4), ctx(0, F64))
-    _fit(lambda i: loss("student", gen, teacher, batch(512, extras=gaussian_pairs(512, i)), ctx(i % 10, F64))["loss"],
+    fit(lambda i: loss("student", gen, teacher, batch(512, extras=gaussian_pairs(512, i)), ctx(i % 10, F64))["loss"],
          gen.parameters(), 300, 5e-2)
     root = math.sqrt(TARGET_S**2 + 80.0**2)
     a_star, b_star = 80.0 * TARGET_S / root, TARGET_M * (1 - TARGET_S / root)  # G(sigma_T z) = b + a z = ODE(z)

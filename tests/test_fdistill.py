@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from _helpers import batch, ctx
+from _helpers import batch, ctx, fit
 from torch import nn
 
 from distill.core.registry import ConfigError
@@ -211,13 +211,8 @@ def test_gradient_vanishes_at_the_target(name):
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "jeffreys"])
 def test_gaussian_generator_converges_to_the_target(name):
     teacher, gen, loss = exact_setup(name, 1.0, 0.0)
-    opt = torch.optim.Adam(gen.parameters(), lr=5e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 400)
-    for k in range(400):
-        opt.zero_grad()
-        loss("student", gen, teacher, batch(size=1024, k=k, dtype=F64), ctx(k, dtype=F64))["loss"].backward()
-        opt.step()
-        sched.step()
+    fit(lambda k: loss("student", gen, teacher, batch(size=1024, k=k, dtype=F64), ctx(k, dtype=F64))["loss"],
+        gen.parameters(), 400, 5e-2)
     assert abs(gen.a.item() - S) < 1e-2 and abs(gen.b.item() - M) < 1e-2, (gen.a.item(), gen.b.item())
 
 

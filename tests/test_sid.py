@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import fit
 from torch import Tensor, nn
 
 from distill.core.registry import ConfigError
@@ -71,16 +72,6 @@ def pure_step(a: Tensor, b: Tensor, alpha: float, n: int) -> Tensor:
     f_real = gaussian_denoiser(x_t, sigma, M, S)
     f_fake = gaussian_denoiser(x_t, sigma, b.detach(), a.detach().abs())
     return sid_generator_loss(x, f_real, f_fake, alpha)[0].mean()
-
-
-def fit(step, params, steps: int, lr: float) -> None:
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for i in range(steps):
-        opt.zero_grad()
-        step(i).backward()
-        opt.step()
-        sched.step()
 
 
 def test_fused_loss_value_and_gradient_closed_form():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import batch, ctx
+from _helpers import batch, ctx, fit
 from torch import Tensor, nn
 
 from distill.core.registry import ConfigError
@@ -133,13 +133,8 @@ def test_gaussian_generator_converges_through_the_loss(distance, c):
     torch.testing.assert_close(teacher(torch.linspace(-3, 3, 7, dtype=F64)[:, None], torch.full((7,), 0.8, dtype=F64)),
                                GaussianMixtureTeacher(torch.tensor([[M]]), S)(
                                    torch.linspace(-3, 3, 7, dtype=F64)[:, None], torch.full((7,), 0.8, dtype=F64)))
-    opt = torch.optim.Adam(gen.parameters(), lr=5e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
-    for i in range(300):
-        opt.zero_grad()
-        loss("student", gen, teacher, batch(size=512, k=i, dtype=F64), ctx(i, dtype=F64))["loss"].backward()
-        opt.step()
-        sched.step()
+    fit(lambda i: loss("student", gen, teacher, batch(size=512, k=i, dtype=F64), ctx(i, dtype=F64))["loss"],
+        gen.parameters(), 300, 5e-2)
     assert abs(gen.a.item() - S) < 1e-2 and abs(gen.b.item() - M) < 1e-2, (gen.a.item(), gen.b.item())
 
 
