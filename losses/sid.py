@@ -165,9 +165,7 @@ class SiD(DistillLoss):
 
     def _logits(self, x: Tensor, batch: Batch) -> Tensor:
         """SiDA's logits ``[B]`` of ``x: [B, ...]`` re-noised at a ``sid_sigma`` level, on the fake score's features."""
-        sigma = self._sid_sigma(batch, x)
-        x_t = x + append_dims(sigma, x.ndim) * batch.randn_like(x)
-        return self.gan_head(self._tap.grab(self.fake.denoise, x_t, sigma, batch.labels))
+        return parts.noised_logits(self.gan_head, self._tap, self.fake, x, self._sid_sigma(batch, x), batch)
 
     def _critic(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         with torch.no_grad():  # the fake score learns the generator's *current* distribution

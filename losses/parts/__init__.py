@@ -19,6 +19,7 @@ from .gan import (
     gan_critic_terms,
     gan_generator_loss,
     no_param_grad,
+    noised_logits,
 )
 from .rollout import check_levels, generator_rollout
 from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config
@@ -40,6 +41,7 @@ __all__ = [
     "feature_module",
     "gan_critic_loss",
     "gan_critic_terms",
+    "noised_logits",
     "gan_generator_loss",
     "no_param_grad",
     "check_levels",

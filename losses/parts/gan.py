@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from distill.core.registry import ConfigError
 
 __all__ = ["FeatureTap", "GANHead", "feature_module", "build_gan_head", "gan_generator_loss", "gan_critic_loss",
-           "gan_critic_terms", "no_param_grad"]
+           "gan_critic_terms", "noised_logits", "no_param_grad"]
 
 
 class _FeaturesReady(Exception):
@@ -166,6 +166,13 @@ def no_param_grad(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+
+
+def noised_logits(head: nn.Module, tap: FeatureTap, fake: nn.Module, x: Tensor, sigma: Tensor, batch: Any) -> Tensor:
+    """GAN logits ``[B]`` of ``x: [B, ...]`` re-noised to ``sigma: [B]`` (noise drawn through the batch), on the fake
+    score's tapped features (DMD2 §4.3; SiDA)."""
+    x_t = x + sigma.reshape(-1, *[1] * (x.ndim - 1)) * batch.randn_like(x)
+    return head(tap.grab(fake.denoise, x_t, sigma, batch.labels))
 
 
 def gan_critic_terms(owner: str, logits: Callable[[Tensor, Any], Tensor], fake: Tensor, batch: Any,
