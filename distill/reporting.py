@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["commit_of", "summarise", "student_summary", "teacher_summary", "suite_markdown", "provenance", "fmt",
-           "curve_markdown", "solver_markdown"]
+           "curve_markdown", "solver_markdown", "modes_markdown"]
 
 Cell = tuple[float, float, str]
 
@@ -106,6 +106,43 @@ def suite_markdown(record: Mapping[str, Any], path: str) -> str:
         n = len(suite["sample_seeds"])
         lines.append(f"| teacher {name} | " + " | ".join(cell(d.get(k)) for k in cols) +
                      f" | – | – | – | {n} sampling seeds |")
+    return "\n".join(lines + ["", provenance(record, path)])
+
+
+def modes_markdown(record: Mapping[str, Any], path: str, nfe: int = 1) -> str:
+    """Per-mode mass at ``nfe`` of every row of an exact-mixture suite (eval rows carrying ``mode_mass``) next to the
+    true weights, and the off-mode fraction: mean ± sd over training seeds of the per-seed mean over sampling seeds
+    (over sampling seeds when one training seed ran). The teacher's 35-NFE Heun reference closes the table."""
+    rows: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    weights: list[float] | None = None
+    for key, runs in record["runs"].items():
+        for rec in runs:
+            for row in rec["eval"]:
+                r = row.get("record", {})
+                if "mode_mass" not in r:
+                    continue
+                weights = weights or r.get("weights")
+                if row["model"] == "teacher":
+                    rows.setdefault(f"teacher {row['sampler']} @ {row['nfe']} NFE", {}).setdefault(0, []).append(r)
+                elif int(row["nfe"]) == nfe:
+                    rows.setdefault(key, {}).setdefault(rec["seed"], []).append(r)
+    if not rows or weights is None:
+        return f"_No per-mode masses in `{path}`._"
+    k = len(weights)
+
+    def cell(per_seed: Mapping[int, list[dict[str, Any]]], get) -> str:
+        c = summarise({s: [get(r) for r in rs] for s, rs in per_seed.items()})
+        return fmt(c[0], c[1])
+
+    lines = [f"Per-mode mass at {nfe} NFE (true weight in the header), off-mode fraction and SW1; mean ± sd over "
+             f"training seeds {record['definition']['train_seeds']} × sampling seeds "
+             f"{record['definition']['sample_seeds']} (suite `{record['suite']}`).", "",
+             "| row | " + " | ".join(f"mode {i} (w={w:g})" for i, w in enumerate(weights)) + " | off | SW1 |",
+             "|" + "---|" * (k + 3)]
+    teacher = {n: v for n, v in rows.items() if n.startswith("teacher")}
+    for name, per_seed in [*((n, v) for n, v in rows.items() if n not in teacher), *teacher.items()]:
+        lines.append(f"| {name} | " + " | ".join(cell(per_seed, lambda r, i=i: r["mode_mass"][i]) for i in range(k))
+                     + f" | {cell(per_seed, lambda r: r['off'])} | {cell(per_seed, lambda r: r['score'])} |")
     return "\n".join(lines + ["", provenance(record, path)])
 
 

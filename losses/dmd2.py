@@ -38,7 +38,7 @@ __all__ = ["DMD2"]
 
 
 @register_loss("dmd2")
-class DMD2(DistillLoss):
+class DMD2(reg.RegressionWarmStart, DistillLoss):
     """Distribution matching distillation (DMD2 without/with its GAN head), phases ``("critic", "student")``.
 
     Args:
@@ -87,9 +87,8 @@ class DMD2(DistillLoss):
             raise ConfigError(f"dmd2: GAN weights must be >= 0, got gan_weight={gan_weight}, "
                               f"gan_critic_weight={gan_critic_weight}")
         parts.check_fake_config("dmd2", fake_init, fake_hidden, fake_depth)
-        reg.check_regression_config("dmd2", regression_steps, regression_pairs, regression_nfe, regression_weight)
-        if int(fake_warmup) != fake_warmup or fake_warmup < 0:
-            raise ConfigError(f"dmd2: fake_warmup must be an integer >= 0, got {fake_warmup!r}")
+        self.init_regression("dmd2", regression_steps, regression_pairs, regression_nfe, regression_weight,
+                             fake_warmup, guidance)
         self.student_sigmas = parts.check_levels("dmd2", student_sigmas)
         self.critic_updates, self.guidance, self.dm_eps = int(critic_updates), float(guidance), float(dm_eps)
         self.dm_sigma, self.fake_sigma = dm_sigma, fake_sigma
@@ -97,9 +96,6 @@ class DMD2(DistillLoss):
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.gan_weight, self.gan_critic_weight = float(gan_weight), float(gan_critic_weight)
         self.fake_init, self.fake_hidden, self.fake_depth = fake_init, int(fake_hidden), int(fake_depth)
-        self.regression_steps, self.regression_pairs = int(regression_steps), int(regression_pairs)
-        self.regression_nfe, self.regression_weight = int(regression_nfe), float(regression_weight)
-        self.fake_warmup = int(fake_warmup)
         self.needs_data = self.gan_weight > 0  # real data is needed only by the GAN classifier
         self.fake: nn.Module | None = None  # trained in the critic phase (with gan_head): one parameter group each
         self.gan_head: nn.Module | None = None
@@ -115,16 +111,9 @@ class DMD2(DistillLoss):
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
 
-    def phases_for_step(self, step: int) -> list[str]:
-        """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
-        return reg.warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
-
     def data_specs(self) -> dict[str, DataSpec]:
         """Real data with a GAN head (else noise only), and teacher ODE pairs ``"pairs"`` when regressing."""
-        specs = {"data": DataSpec("real" if self.needs_data else "noise")}
-        if self.regression_steps > 0 or self.regression_weight > 0:
-            specs["pairs"] = reg.pairs_spec(self.regression_pairs, self.regression_nfe, self.guidance)
-        return specs
+        return {"data": DataSpec("real" if self.needs_data else "noise"), **self.regression_specs()}
 
     def sampling(self) -> SamplingPlan | None:
         """A multi-step generator samples at its training levels with re-noising (gamma = 1, as in the rollout)."""
@@ -156,10 +145,8 @@ class DMD2(DistillLoss):
         if phase == "critic":
             return self._critic(student, teacher, batch, ctx)
         if phase == "student":
-            if ctx.iteration < self.regression_steps:
-                r_loss, x = reg.pair_regression("dmd2", student, batch, ctx, teacher.sigma_max)
-                return {"loss": r_loss, "regression": r_loss.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
-            return self._student(student, teacher, batch, ctx)
+            warm = self.regression_step(student, batch, ctx, teacher.sigma_max)
+            return warm if warm is not None else self._student(student, teacher, batch, ctx)
         raise ValueError(f"dmd2: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
 
     def _generate(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
@@ -203,9 +190,5 @@ class DMD2(DistillLoss):
                 gan_g = parts.gan_generator_loss(self._logits(x, batch)).mean()
             loss = loss + self.gan_weight * gan_g
             out["gan_g"] = gan_g.detach()
-        if self.regression_weight > 0:
-            r_loss = reg.pair_regression("dmd2", student, batch, ctx, teacher.sigma_max)[0]
-            loss = loss + self.regression_weight * r_loss
-            out["regression"] = r_loss.detach()
-        out["loss"] = loss
+        out["loss"] = loss + self.regression_term(student, batch, ctx, teacher.sigma_max, out)
         return out

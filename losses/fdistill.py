@@ -57,7 +57,7 @@ class RatioHead(nn.Module):
 
 
 @register_loss("fdistill")
-class FDistill(DistillLoss):
+class FDistill(reg.RegressionWarmStart, DistillLoss):
     """f-distill (phases ``("critic", "student")``). DMD2's arguments (``critic_updates``, ``guidance``, ``dm_sigma``,
     ``t_min``, ``t_max``, ``num_levels``, ``fake_sigma``, ``p_mean``, ``p_std``, ``fake_init``, ``fake_hidden``,
     ``fake_depth``, ``dm_eps``, ``gan_weight``, ``regression_*``, ``fake_warmup``) mean what they mean there; plus:
@@ -85,14 +85,14 @@ class FDistill(DistillLoss):
         super().__init__()
         if divergence not in fdiv.DIVERGENCES:
             raise ConfigError(f"fdistill: unknown divergence {divergence!r}; valid: {', '.join(fdiv.DIVERGENCES)}")
-        for key, val, lo in (("critic_updates", critic_updates, 1), ("ratio_bins", ratio_bins, 0),
-                             ("fake_warmup", fake_warmup, 0)):
+        for key, val, lo in (("critic_updates", critic_updates, 1), ("ratio_bins", ratio_bins, 0)):
             if int(val) != val or val < lo:
                 raise ConfigError(f"fdistill: {key} must be an integer >= {lo}, got {val!r}")
         parts.check_sigma_config("fdistill", {"dm_sigma": dm_sigma, "fake_sigma": fake_sigma}, t_min, t_max,
                                  num_levels, p_std)
         parts.check_fake_config("fdistill", fake_init, fake_hidden, fake_depth)
-        reg.check_regression_config("fdistill", regression_steps, regression_pairs, regression_nfe, regression_weight)
+        self.init_regression("fdistill", regression_steps, regression_pairs, regression_nfe, regression_weight,
+                             fake_warmup, guidance)
         if guidance < 0 or disc_weight <= 0 or gan_weight < 0:
             raise ConfigError(f"fdistill: need guidance >= 0, disc_weight > 0, gan_weight >= 0; got {guidance}, "
                               f"{disc_weight}, {gan_weight}")
@@ -106,9 +106,6 @@ class FDistill(DistillLoss):
         self.logit_clamp, self.ratio_min, self.ratio_max = float(logit_clamp), float(ratio_min), float(ratio_max)
         self.ratio_ema = float(ratio_ema)
         self.fake_init, self.fake_hidden, self.fake_depth = fake_init, int(fake_hidden), int(fake_depth)
-        self.regression_steps, self.regression_pairs = int(regression_steps), int(regression_pairs)
-        self.regression_nfe, self.regression_weight = int(regression_nfe), float(regression_weight)
-        self.fake_warmup = int(fake_warmup)
         self.fake: nn.Module | None = None  # both trained in the critic phase, one parameter group each
         self.disc: nn.Module | None = None
         # running per-bin means of r (checkpointed with the loss; none when ratio_bins = 0)
@@ -124,16 +121,9 @@ class FDistill(DistillLoss):
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
 
-    def phases_for_step(self, step: int) -> list[str]:
-        """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
-        return reg.warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
-
     def data_specs(self) -> dict[str, DataSpec]:
         """Real-side samples for the ratio estimator, and teacher ODE pairs ``"pairs"`` when regressing."""
-        specs = {"data": DataSpec("real")}
-        if self.regression_steps > 0 or self.regression_weight > 0:
-            specs["pairs"] = reg.pairs_spec(self.regression_pairs, self.regression_nfe, self.guidance)
-        return specs
+        return {"data": DataSpec("real"), **self.regression_specs()}
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score and the discriminator on ``ctx.device``, and the noise-level samplers."""
@@ -158,10 +148,8 @@ class FDistill(DistillLoss):
         if phase == "critic":
             return self._critic(student, teacher, batch, ctx)
         if phase == "student":
-            if ctx.iteration < self.regression_steps:
-                loss, x = reg.pair_regression("fdistill", student, batch, ctx, teacher.sigma_max)
-                return {"loss": loss, "regression": loss.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
-            return self._student(student, teacher, batch, ctx)
+            warm = self.regression_step(student, batch, ctx, teacher.sigma_max)
+            return warm if warm is not None else self._student(student, teacher, batch, ctx)
         raise ValueError(f"fdistill: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
 
     def _generate(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
@@ -212,8 +200,5 @@ class FDistill(DistillLoss):
         out.update(dm_loss=dm.detach(), dm_grad_norm=g.reshape(batch.size, -1).norm(dim=1).mean(),
                    h_min=h.min(), h_max=h.max(), log_ratio=log_r.mean(), sample_mean=xd.mean(), sample_std=xd.std())
         out[NONFINITE_ROWS] = (bad_g | bad_h).sum()
-        if self.regression_weight > 0:
-            r_loss = reg.pair_regression("fdistill", student, batch, ctx, teacher.sigma_max)[0]
-            loss, out["regression"] = loss + self.regression_weight * r_loss, r_loss.detach()
-        out["loss"] = dm + loss
+        out["loss"] = dm + loss + self.regression_term(student, batch, ctx, teacher.sigma_max, out)
         return out

@@ -39,7 +39,8 @@ from distill.core.registry import ConfigError
 from students import SamplingPlan
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .parts import regression as reg
 from .parts.input_grad import fake_denoise_with_input_grad
 
 __all__ = ["SiD", "sid_weight", "sid_generator_loss"]
@@ -74,7 +75,7 @@ def sid_generator_loss(x: Tensor, f_real: Tensor, f_fake: Tensor, alpha: float, 
 
 
 @register_loss("sid")
-class SiD(DistillLoss):
+class SiD(reg.RegressionWarmStart, DistillLoss):
     """Score identity Distillation (SiD, optionally SiDA), phases ``("critic", "student")``.
 
     Args:
@@ -91,6 +92,9 @@ class SiD(DistillLoss):
         norm_eps: floor of the per-sample weight's denominator (SiD's code: 1e-5).
         gan_weight: SiDA's generator adversarial weight (0: SiD, no GAN head, data-free).
         gan_critic_weight: weight of the GAN classifier loss in the critic update.
+        regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup: DMD2's warm start
+            (:class:`losses.parts.regression.RegressionWarmStart`; not in SiD, off by default): the generator
+            ``G(init_sigma z)`` first regresses onto teacher ODE pairs ``(z, ODE(z))``, then the fake score fits it.
     """
 
     phases = ("critic", "student")
@@ -101,7 +105,8 @@ class SiD(DistillLoss):
                  sid_sigma: str = "grid", t_min: float = 0.2, t_max: float = 1.0, num_levels: int = 1000,
                  fake_sigma: str = "lognormal", p_mean: float = -1.2, p_std: float = 1.2, fake_init: str = "teacher",
                  fake_hidden: int = 256, fake_depth: int = 4, norm_eps: float = 1e-5, gan_weight: float = 0.0,
-                 gan_critic_weight: float = 1e-2) -> None:
+                 gan_critic_weight: float = 1e-2, regression_steps: int = 0, regression_pairs: int = 10_000,
+                 regression_nfe: int = 35, regression_weight: float = 0.0, fake_warmup: int = 0) -> None:
         super().__init__()
         if int(critic_updates) != critic_updates or critic_updates < 1:
             raise ConfigError(f"sid: critic_updates must be an integer >= 1, got {critic_updates!r}")
@@ -113,6 +118,7 @@ class SiD(DistillLoss):
         parts.check_sigma_config("sid", {"sid_sigma": sid_sigma, "fake_sigma": fake_sigma}, t_min, t_max, num_levels,
                                  p_std)
         parts.check_fake_config("sid", fake_init, fake_hidden, fake_depth)
+        self.init_regression("sid", regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup)
         self.alpha, self.critic_updates, self.norm_eps = float(alpha), int(critic_updates), float(norm_eps)
         self.init_sigma = None if init_sigma is None else float(init_sigma)
         self.sid_sigma, self.fake_sigma = sid_sigma, fake_sigma
@@ -132,6 +138,10 @@ class SiD(DistillLoss):
 
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
+
+    def data_specs(self) -> dict[str, DataSpec]:
+        """Real data for SiDA's classifier (else noise only), and teacher ODE pairs ``"pairs"`` when regressing."""
+        return {"data": DataSpec("real" if self.needs_data else "noise"), **self.regression_specs()}
 
     def sampling(self) -> SamplingPlan | None:
         """One NFE starts at the training input level ``init_sigma`` (other NFEs: the default plan)."""
@@ -157,7 +167,8 @@ class SiD(DistillLoss):
         if phase == "critic":
             return self._critic(student, teacher, batch, ctx)
         if phase == "student":
-            return self._student(student, teacher, batch, ctx)
+            warm = self.regression_step(student, batch, ctx, self._levels[0])
+            return warm if warm is not None else self._student(student, teacher, batch, ctx)
         raise ValueError(f"sid: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
 
     def _generate(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
@@ -197,5 +208,5 @@ class SiD(DistillLoss):
                 gan_g = parts.gan_generator_loss(self._logits(x, batch)).mean()
             loss = loss + self.gan_weight * gan_g
             out["gan_g"] = gan_g.detach()
-        out["loss"] = loss
+        out["loss"] = loss + self.regression_term(student, batch, ctx, self._levels[0], out)
         return out

@@ -36,7 +36,8 @@ from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .parts import regression as reg
 from .parts.input_grad import fake_denoise_with_input_grad
 
 __all__ = ["SIM", "DISTANCES", "distance_grad", "sim_rows"]
@@ -68,7 +69,7 @@ def sim_rows(x0: Tensor, d_real: Tensor, d_fake: Tensor, distance: str, c: float
 
 
 @register_loss("sim")
-class SIM(DistillLoss):
+class SIM(reg.RegressionWarmStart, DistillLoss):
     """Score Implicit Matching, phases ``("critic", "student")``.
 
     Args:
@@ -81,6 +82,8 @@ class SIM(DistillLoss):
             SiD's ``t ~ U[0, 800/1000]`` counted from ``sigma_min``, i.e. fraction ``[0.2, 1.0]`` from ``sigma_max``).
         p_mean, p_std: the log-normal density's parameters.
         fake_init, fake_hidden, fake_depth: :func:`losses.parts.build_fake_score` (``"residual"`` for exact teachers).
+        regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup: DMD2's warm start
+            (:class:`losses.parts.regression.RegressionWarmStart`; not in SIM, off by default).
     """
 
     phases = ("critic", "student")
@@ -90,7 +93,9 @@ class SIM(DistillLoss):
     def __init__(self, distance: str = "pseudo_huber", huber_c: float = 1e-3, guidance: float = 1.0,
                  critic_updates: int = 1, sim_sigma: str = "grid", fake_sigma: str = "grid", t_min: float = 0.2,
                  t_max: float = 1.0, num_levels: int = 1000, p_mean: float = -1.2, p_std: float = 1.2,
-                 fake_init: str = "teacher", fake_hidden: int = 256, fake_depth: int = 4) -> None:
+                 fake_init: str = "teacher", fake_hidden: int = 256, fake_depth: int = 4, regression_steps: int = 0,
+                 regression_pairs: int = 10_000, regression_nfe: int = 35, regression_weight: float = 0.0,
+                 fake_warmup: int = 0) -> None:
         super().__init__()
         if distance not in DISTANCES:
             raise ConfigError(f"sim: unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
@@ -101,6 +106,8 @@ class SIM(DistillLoss):
         parts.check_sigma_config("sim", {"sim_sigma": sim_sigma, "fake_sigma": fake_sigma}, t_min, t_max, num_levels,
                                  p_std)
         parts.check_fake_config("sim", fake_init, fake_hidden, fake_depth)
+        self.init_regression("sim", regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup,
+                             guidance)
         self.distance, self.huber_c, self.guidance = distance, float(huber_c), float(guidance)
         self.critic_updates, self.sim_sigma, self.fake_sigma = int(critic_updates), sim_sigma, fake_sigma
         self.sigma_kw = dict(num_levels=int(num_levels), t_min=float(t_min), t_max=float(t_max), p_mean=float(p_mean),
@@ -114,6 +121,10 @@ class SIM(DistillLoss):
 
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
+
+    def data_specs(self) -> dict[str, DataSpec]:
+        """Noise only (data-free), plus teacher ODE pairs ``"pairs"`` when regressing."""
+        return {"data": DataSpec("noise"), **self.regression_specs()}
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score on ``ctx.device`` and the two noise-level samplers."""
@@ -142,8 +153,12 @@ class SIM(DistillLoss):
             sigma = self._fake_sigma(batch, x)
             dsm = parts.fake_dsm_loss(self.fake, x, sigma, batch.randn_like(x), batch.labels, teacher.sigma_data)
             return {"loss": dsm.mean(), "dsm": dsm.mean().detach()}
-        x = generate()
-        return self._student(x, teacher, batch)
+        warm = self.regression_step(student, batch, ctx, teacher.sigma_max)
+        if warm is not None:
+            return warm
+        out = self._student(generate(), teacher, batch)
+        out["loss"] = out["loss"] + self.regression_term(student, batch, ctx, teacher.sigma_max, out)
+        return out
 
     def sample_grad(self, x0: Tensor, teacher: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """SIM's per-sample loss and its gradient with respect to the sample, ``(rows [B], g [B, ...], bad [B],

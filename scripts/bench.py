@@ -49,16 +49,27 @@ def load_suite(name: str) -> dict[str, Any]:
     suites = OmegaConf.to_container(OmegaConf.load(SUITES))
     if name not in suites:
         raise SystemExit(f"unknown suite {name!r}; valid suites: {', '.join(sorted(suites))}")
-    suite = {"overrides": [], "config_overrides": {}, "nfe": [1, 2, 4, 8], "teacher_samplers": ["heun"],
-             "teacher_grids": ["karras"], "diffusers_samplers": [], "threads": 1, **suites[name]}
+    suite = {"overrides": [], "config_overrides": {}, "variants": {}, "nfe": [1, 2, 4, 8],
+             "teacher_samplers": ["heun"], "teacher_grids": ["karras"], "diffusers_samplers": [], "threads": 1,
+             **suites[name]}
     for cfg in suite["configs"]:
         if not (ROOT / "configs" / f"{cfg}.yaml").is_file():
             raise SystemExit(f"suite {name!r} names config {cfg!r}, but configs/{cfg}.yaml does not exist")
     return suite
 
 
-def run_overrides(suite: dict[str, Any], cfg: str, seed: int, run_dir: Path) -> list[str]:
-    return [*suite["overrides"], *suite["config_overrides"].get(cfg, []), f"seed={seed}", f"out_dir={run_dir}",
+def rows_of(suite: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """The suite's table rows ``(key, config, overrides)``: each config once, or once per variant as
+    ``config[variant]`` (``variants: {label: [overrides]}``, e.g. one row per f-divergence)."""
+    if not suite["variants"]:
+        return [(cfg, cfg, []) for cfg in suite["configs"]]
+    return [(f"{cfg}[{label}]", cfg, list(ov)) for cfg in suite["configs"] for label, ov in suite["variants"].items()]
+
+
+def run_overrides(suite: dict[str, Any], cfg: str, seed: int, run_dir: Path, variant: list[str] | None = None
+                  ) -> list[str]:
+    return [*suite["overrides"], *suite["config_overrides"].get(cfg, []), *(variant or []), f"seed={seed}",
+            f"out_dir={run_dir}",
             f"eval.seeds={list(suite['sample_seeds'])}", f"eval.nfe={list(suite['nfe'])}",
             f"eval.n_samples={suite['n_samples']}", f"eval.batch_size={suite['n_samples']}",
             "trainer.progress_bar=false", f"trainer.num_threads={suite['threads']}"]
@@ -134,19 +145,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = load_suite(args.suite)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for cfg in suite["configs"]:
+    for key, cfg, variant in rows_of(suite):
         for seed in suite["train_seeds"]:
-            run_dir = args.runs / args.suite / cfg / f"seed{seed}"
+            run_dir = args.runs / args.suite / key.replace("[", "_").rstrip("]") / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            jobs.append((cfg, run_overrides(suite, cfg, seed, run_dir), run_dir / "bench.log"))
+            jobs.append((key, cfg, run_overrides(suite, cfg, seed, run_dir, variant), run_dir / "bench.log"))
     t0 = time.perf_counter()
     if args.reeval:
         torch.set_num_threads(2)
-        done = [(cfg, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
-                for cfg, ov, _ in jobs]
+        done = [(key, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
+                for key, cfg, ov, _ in jobs]
     else:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            done = list(pool.map(lambda j: (j[0], train_one(*j)), jobs))
+            done = list(pool.map(lambda j: (j[0], train_one(*j[1:])), jobs))
     records: dict[str, list[dict[str, Any]]] = {}
     for cfg, rec in done:
         records.setdefault(cfg, []).append(rec)

@@ -4,7 +4,8 @@ when a committed block differs from what the records say (CI runs it).
 
 A block is ``<!-- report:NAME -->`` ... ``<!-- /report:NAME -->``; ``NAME`` is a renderer below. Records live in
 ``docs/bench/`` and are written by ``scripts/bench.py`` (suites), ``distill eval`` (teacher solvers),
-``scripts/bench_calibration.py`` and ``scripts/bench_overhead.py``. Prose outside blocks carries no measured number.
+``scripts/bench_calibration.py``, ``scripts/bench_overhead.py`` and ``scripts/bench_cost.py``. Prose outside blocks
+carries no measured number.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from distill.reporting import (  # noqa: E402
     commit_of,
     curve_markdown,
     fmt,
+    modes_markdown,
     solver_markdown,
     student_summary,
     suite_markdown,
@@ -46,22 +49,29 @@ def _missing(rel: Path, how: str) -> str:
     return f"_Not measured yet: `{rel}` does not exist (run `{how}`)._"
 
 
-def suite(name: str) -> Callable[[Path], str]:
+def _suite_block(name: str, markdown: Callable[[Any, str], str]) -> Callable[[Path], str]:
+    """A block rendered by ``markdown(record, path)`` from the suite record ``docs/bench/<name>.json``."""
     def render(root: Path) -> str:
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
-        return suite_markdown(rec, str(rel)) if rec else _missing(rel, f"python scripts/bench.py {name}")
+        return markdown(rec, str(rel)) if rec else _missing(rel, f"python scripts/bench.py {name}")
 
     return render
+
+
+def suite(name: str) -> Callable[[Path], str]:
+    """The cross-method table of suite ``name``."""
+    return _suite_block(name, suite_markdown)
 
 
 def curve(name: str) -> Callable[[Path], str]:
-    def render(root: Path) -> str:
-        rel = BENCH / f"{name}.json"
-        rec = _load(rel, root)
-        return curve_markdown(rec, str(rel)) if rec else _missing(rel, f"python scripts/bench.py {name}")
+    """Quality vs iteration of suite ``name``'s runs."""
+    return _suite_block(name, curve_markdown)
 
-    return render
+
+def modes(name: str) -> Callable[[Path], str]:
+    """Per-mode mass of suite ``name``'s rows (exact mixtures)."""
+    return _suite_block(name, modes_markdown)
 
 
 def solvers(name: str, config: str) -> Callable[[Path], str]:
@@ -113,6 +123,31 @@ def overhead(root: Path) -> str:
             f"{ms['bare']:.1f} |\n| overhead | {rec['overhead_pct']:.1f}% |\n\n_Record `{rel}` "
             f"(scripts/bench_overhead.py): loss {rec['loss']}, teacher {rec['teacher']}, {rec['iters']} iterations, "
             f"{rec['threads']} thread(s), commit `{commit_of(rec.get('environment'))}`._")
+
+
+def cost(root: Path) -> str:
+    """Cost per generator update of each loss on the digits teacher, in teacher-forward equivalents, and peak memory
+    (``scripts/bench_cost.py``)."""
+    rel = BENCH / "cost.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, "python scripts/bench_cost.py --json docs/bench/cost.json")
+    cuda = any("peak_cuda_mib" in r for r in rec["methods"].values())
+    mem = "CUDA allocated" if cuda else "RSS"
+    lines = [f"| method | iterations per generator update | ms / generator update | teacher-forward equivalents | "
+             f"teacher / fake / student forwards per update | peak {mem} (MiB) | training {mem} over baseline "
+             f"(MiB) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rec["methods"].items():
+        peak, train = (r["peak_cuda_mib"], r["train_cuda_mib"]) if cuda else (r["peak_rss_mib"], r["train_rss_mib"])
+        lines.append(f"| {name} | {r['iterations_per_student_update']:g} | {r['ms_per_student_update']:.0f} | "
+                     f"{r['teacher_forward_equivalents']:.1f} | {r['teacher_forwards']:g} / {r['fake_forwards']:g} / "
+                     f"{r['student_forwards']:g} | {peak:.0f} | {train:.0f} |")
+    env = rec.get("environment") or {}
+    tf = statistics.median(r["teacher_forward_ms"] for r in rec["methods"].values())
+    lines += ["", f"_Record `{rel}` (scripts/bench_cost.py): {env.get('machine', '?')}, {rec['threads']} thread(s), "
+                  f"batch {rec['batch_size']}, one teacher forward {tf:.1f} ms (median over methods), commit "
+                  f"`{commit_of(env)}`._"]
+    return "\n".join(lines)
 
 
 def _stamp(rec: dict[str, Any], rel: Path) -> str:
@@ -236,7 +271,7 @@ def _exact_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
 def bars(root: Path) -> str:
     """The bars of docs/benchmarks.md checked against the records (met / not met, with the numbers)."""
     out = ["| bar | measured | met |", "|---|---|---|"]
-    for suite_name in ("ring", "mixture"):
+    for suite_name in ("ring", "ring_score", "mixture"):
         out += _exact_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     digits = _load(BENCH / "digits.json", root)
     if digits:
@@ -318,6 +353,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bars": bars,
     "calibration": calibration,
     "overhead": overhead,
+    "cost": cost,
     "ring-floor": ring_floor,
     "speedup": speedup,
     "teacher-ring": solvers("ring_teacher", "ring_teacher"),

@@ -84,3 +84,26 @@ def test_tiny_benchmark_suite_end_to_end(tmp_path):
         assert (tmp_path / "out" / name).is_file()
     md = (tmp_path / "out" / "tiny.md").read_text()
     assert "ring_cd (EMA student" in md and "teacher heun/karras" in md and "2 training seeds" in md
+
+
+def test_bench_cost_reports_every_figure_and_dmd2_updates_the_generator_every_critic_updates(tmp_path):
+    """`scripts/bench_cost.py` on cd (one subprocess, 2 timed iterations) and dmd2's schedule from its config."""
+    from distill.train import build_module
+
+    mod = _load("bench_cost")
+    rec = mod.main(["--methods", "cd", "--iters", "2", "--warmup", "1", "--threads", "1", "--teacher-reps", "1",
+                    "--json", str(tmp_path / "cost.json")])
+    assert (tmp_path / "cost.json").is_file() and rec["batch_size"] == 128 and rec["threads"] == 1
+    assert {"script", "environment", "torch", "methods"} <= set(rec)
+    cd = rec["methods"]["cd"]
+    for key in ("ms_per_iteration", "ms_per_student_update", "teacher_forward_ms", "teacher_forward_equivalents",
+                "teacher_forwards", "student_forwards", "peak_rss_mib", "baseline_rss_mib"):
+        assert math.isfinite(cd[key]) and cd[key] > 0, key
+    assert cd["iterations_per_student_update"] == 1 and cd["fake_forwards"] == 0 and cd["train_rss_mib"] >= 0
+    assert cd["teacher_forwards"] == 2 and cd["student_forwards"] == 2  # one Heun step; online + stop-grad target
+
+    cfg, warm = mod.make_cfg("dmd2", str(tmp_path))
+    assert warm == ["loss.regression_steps=0", "loss.fake_warmup=0"]
+    sched = mod.schedule(build_module(cfg).loss)
+    assert sched["iterations_per_student_update"] == cfg.loss.critic_updates == 5
+    assert sched["per_update"] == {"critic": 4.0, "critic+student": 1.0}

@@ -1,9 +1,14 @@
 """Regression of a one-step generator onto cached teacher ODE pairs: DMD's regression loss (arXiv:2311.18828 eq. 9,
 with L2 instead of LPIPS so that it applies to any data) and DMD2's one-step warm start (arXiv:2405.14867 §4.4).
 
-    L_reg = mean( (G(sigma_max z; sigma_max -> 0) - ODE(z))^2 ),
+    L_reg = mean( (G(sigma_in z; sigma_in -> 0) - ODE(z))^2 ),
 
-with ``(z, ODE(z))`` from the run's teacher-pair cache (data spec ``"pairs"``, source ``teacher_pairs``).
+with ``(z, ODE(z))`` from the run's teacher-pair cache (data spec ``"pairs"``, source ``teacher_pairs``) and
+``sigma_in`` the generator's input level (``sigma_max``, or SiD's ``sigma_init``: the map ``z -> ODE(z)`` is the same,
+only the input's scale differs).
+
+:class:`RegressionWarmStart` gives a two-phase (``"critic"``, ``"student"``) loss the whole schedule as config keys
+(``regression_steps/_pairs/_nfe/_weight``, ``fake_warmup``): DMD2, f-distill, SiD and SIM all use it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from distill.core.registry import ConfigError
 
 from ..base import Batch, DataSpec, StepContext
 
-__all__ = ["check_regression_config", "pairs_spec", "pair_regression", "warm_start_phases"]
+__all__ = ["RegressionWarmStart", "check_regression_config", "pairs_spec", "pair_regression", "warm_start_phases"]
 
 
 def check_regression_config(owner: str, steps: int, pairs: int, nfe: int, weight: float) -> None:
@@ -38,14 +43,14 @@ def pairs_spec(n: int, nfe: int, guidance: float) -> DataSpec:
     return DataSpec("teacher_pairs", options={"n": int(n), "nfe": int(nfe), "guidance": float(guidance)})
 
 
-def pair_regression(owner: str, student: nn.Module, batch: Batch, ctx: StepContext, sigma_max: float
+def pair_regression(owner: str, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float
                     ) -> tuple[Tensor, Tensor]:
-    """``(L_reg, sg(G(sigma_max z)))`` on the batch's ``pairs.z, pairs.x0: [B, ...]`` (``pairs.labels: [B]``)."""
+    """``(L_reg, sg(G(sigma_in z)))`` on the batch's ``pairs.z, pairs.x0: [B, ...]`` (``pairs.labels: [B]``)."""
     if "pairs.z" not in batch.extras:
         raise ValueError(f"{owner}: regression needs teacher pairs in batch.extras ('pairs.z', 'pairs.x0')")
     z = batch.extras["pairs.z"].to(device=ctx.device, dtype=ctx.dtype)
     x0 = batch.extras["pairs.x0"].to(device=ctx.device, dtype=ctx.dtype)
-    s = torch.full((z.shape[0],), float(sigma_max), device=ctx.device, dtype=ctx.dtype)
+    s = torch.full((z.shape[0],), float(sigma_in), device=ctx.device, dtype=ctx.dtype)
     x = student(s[0] * z, s, torch.zeros_like(s), batch.extras.get("pairs.labels"))
     return F.mse_loss(x, x0), x.detach()
 
@@ -60,3 +65,54 @@ def warm_start_phases(step: int, regression_steps: int, fake_warmup: int, ttur: 
     if step < regression_steps + fake_warmup:
         return [critic]
     return ttur(step - regression_steps - fake_warmup)
+
+
+class RegressionWarmStart:
+    """Mixin for a :class:`~losses.base.DistillLoss` with phases ``("critic", "student")``: DMD2's warm-start
+    schedule (:func:`warm_start_phases`), the ``"pairs"`` data spec, the regression step and DMD's regression term.
+
+    The loss calls :meth:`init_regression` in ``__init__``, adds :meth:`regression_specs` to its data specs, returns
+    :meth:`regression_step` from its student phase when it is not ``None``, and adds :meth:`regression_term`.
+    """
+
+    regression_steps: int = 0
+    regression_weight: float = 0.0
+    fake_warmup: int = 0
+
+    def init_regression(self, owner: str, steps: int, pairs: int, nfe: int, weight: float, fake_warmup: int,
+                        guidance: float = 1.0) -> None:
+        check_regression_config(owner, steps, pairs, nfe, weight)
+        if int(fake_warmup) != fake_warmup or fake_warmup < 0:
+            raise ConfigError(f"{owner}: fake_warmup must be an integer >= 0, got {fake_warmup!r}")
+        self._reg_owner, self._reg_guidance = owner, float(guidance)
+        self.regression_steps, self.regression_pairs = int(steps), int(pairs)
+        self.regression_nfe, self.regression_weight = int(nfe), float(weight)
+        self.fake_warmup = int(fake_warmup)
+
+    def phases_for_step(self, step: int) -> list[str]:
+        """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
+        return warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
+
+    def regression_specs(self) -> dict[str, DataSpec]:
+        """``{"pairs": ...}`` when the schedule regresses, else ``{}``."""
+        if self.regression_steps > 0 or self.regression_weight > 0:
+            return {"pairs": pairs_spec(self.regression_pairs, self.regression_nfe, self._reg_guidance)}
+        return {}
+
+    def regression_step(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float
+                        ) -> dict[str, Tensor] | None:
+        """The student phase's output during the warm start, ``None`` after it."""
+        if ctx.iteration >= self.regression_steps:
+            return None
+        loss, x = pair_regression(self._reg_owner, student, batch, ctx, sigma_in)
+        return {"loss": loss, "regression": loss.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
+
+    def regression_term(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float,
+                        out: dict[str, Tensor]) -> Tensor | float:
+        """``regression_weight * L_reg`` during distribution matching (DMD's ``lambda_reg``; 0 when off), logged
+        into ``out["regression"]``."""
+        if self.regression_weight <= 0:
+            return 0.0
+        loss = pair_regression(self._reg_owner, student, batch, ctx, sigma_in)[0]
+        out["regression"] = loss.detach()
+        return self.regression_weight * loss
