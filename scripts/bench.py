@@ -49,7 +49,7 @@ def load_suite(name: str) -> dict[str, Any]:
     suites = OmegaConf.to_container(OmegaConf.load(SUITES))
     if name not in suites:
         raise SystemExit(f"unknown suite {name!r}; valid suites: {', '.join(sorted(suites))}")
-    suite = {"overrides": [], "config_overrides": {}, "variants": {}, "nfe": [1, 2, 4, 8],
+    suite = {"overrides": [], "config_overrides": {}, "variants": {}, "config_seeds": {}, "nfe": [1, 2, 4, 8],
              "teacher_samplers": ["heun"], "teacher_grids": ["karras"], "diffusers_samplers": [], "threads": 1,
              **suites[name]}
     for cfg in suite["configs"]:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for key, cfg, variant in rows_of(suite):
-        for seed in suite["train_seeds"]:
+        for seed in suite["config_seeds"].get(cfg, suite["train_seeds"]):
             run_dir = args.runs / args.suite / key.replace("[", "_").rstrip("]") / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             jobs.append((key, cfg, run_overrides(suite, cfg, seed, run_dir, variant), run_dir / "bench.log"))
