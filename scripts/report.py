@@ -235,29 +235,39 @@ def results(root: Path) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def _one_nfe_rows(name: str, rec: dict[str, Any] | None, metric: str) -> list[tuple[str, list[str], list[dict]]]:
+    """Per row of suite ``name``: ``(config, [bar line "1-NFE metric within 1.5x the teacher's Heun-35"], the row's
+    1-NFE eval records over training and sampling seeds)``."""
+    if not rec:
+        return []
+    students, teachers = _cells(rec)
+    ref = _teacher_ref(teachers)
+    out = []
+    for cfg, s in students.items():
+        one = s["cells"].get(1)
+        line = [] if not (one and ref) else [
+            f"| {name} {cfg}: 1-NFE {metric} within 1.5x the teacher's Heun-35 ({s['iterations']} it, "
+            f"{s['train_s'] / 60:.0f} min) | {one[0]:.4g} vs {ref[0]:.4g} ({one[0] / ref[0]:.2f}x) | "
+            f"{'yes' if one[0] <= 1.5 * ref[0] else 'no'} |"]
+        evals = [row["record"] for run in rec["runs"][cfg] for row in run["eval"]
+                 if row["model"] != "teacher" and row["nfe"] == 1]
+        out.append((cfg, line, evals))
+    return out
+
+
 def _exact_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     """Ring-style bars of an exact-teacher suite: 1-NFE SW1 within 1.5x Heun-35, per-mode mass at the true weights
     (within 0.025: the ring's 0.10-0.15 around 0.125), off-mode below 5%."""
-    if not rec:
-        return []
     out: list[str] = []
-    students, teachers = _cells(rec)
-    ref = _teacher_ref(teachers)
-    for cfg, s in students.items():
-        one = s["cells"].get(1)
-        if one and ref:
-            out.append(f"| {name} {cfg}: 1-NFE SW1 within 1.5x the teacher's Heun-35 | {one[0]:.4g} vs "
-                       f"{ref[0]:.4g} ({one[0] / ref[0]:.2f}x) | {'yes' if one[0] <= 1.5 * ref[0] else 'no'} |")
+    for cfg, line, evals in _one_nfe_rows(name, rec, "SW1"):
+        out += line
         errs, offs = [], []
-        for run in rec["runs"][cfg]:
-            for row in run["eval"]:
-                if row["model"] != "teacher" and row["nfe"] == 1:
-                    r = row["record"]
-                    if "mass_error" in r:
-                        errs.append(r["mass_error"])
-                    elif r.get("mode_mass"):  # records older than per-weight scoring: the modes are equal-weight
-                        errs.append(max(abs(m - 1 / len(r["mode_mass"])) for m in r["mode_mass"]))
-                    offs.append(r.get("off", float("nan")))
+        for r in evals:
+            if "mass_error" in r:
+                errs.append(r["mass_error"])
+            elif r.get("mode_mass"):  # records older than per-weight scoring: the modes are equal-weight
+                errs.append(max(abs(m - 1 / len(r["mode_mass"])) for m in r["mode_mass"]))
+            offs.append(r.get("off", float("nan")))
         if errs:
             out.append(f"| {name} {cfg}: every mode within 0.025 of its true weight (1 NFE, worst seed) | "
                        f"{max(errs):.3f} | {'yes' if max(errs) <= 0.025 else 'no'} |")
@@ -289,7 +299,22 @@ def bars(root: Path) -> str:
             if 1 in c and ref:
                 out.append(f"| digits {cfg}: 1-NFE within 1.5x the teacher (next bar) | {c[1][0] / ref[0]:.2f}x | "
                            f"{'yes' if c[1][0] <= 1.5 * ref[0] else 'no'} |")
+    out += _one_step_digits_bars("digits_score", _load(BENCH / "digits_score.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
+
+
+def _one_step_digits_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 10's digits bars for each row of suite ``name``: 1-NFE FID within 1.5x the teacher's Heun-35, and every
+    class at 5-15% of the 1-NFE samples (worst sampling and training seed)."""
+    out: list[str] = []
+    for cfg, line, evals in _one_nfe_rows(name, rec, "FID"):
+        out += line
+        cover = [c for r in evals for c in (r.get("extra") or {}).get("class_coverage", [])]
+        if cover:
+            lo, hi = min(cover), max(cover)
+            out.append(f"| {name} {cfg}: every class at 5-15% (1 NFE, worst seed) | {100 * lo:.1f}%-{100 * hi:.1f}% "
+                       f"| {'yes' if lo >= 0.05 and hi <= 0.15 else 'no'} |")
+    return out
 
 
 HISTORY_DMD2 = BENCH / "history" / "dmd2_digits_7b79030"
@@ -364,6 +389,13 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-mixture": suite("mixture"),
     "curve-digits": curve("digits"),
     "curve-digits_dmd2": curve("digits_dmd2"),
+    "suite-ring_score": suite("ring_score"),
+    "curve-ring_score": curve("ring_score"),
+    "suite-grid_score": suite("grid_score"),
+    "suite-mixture_fdiv": suite("mixture_fdiv"),
+    "modes-mixture_fdiv": modes("mixture_fdiv"),
+    "suite-digits_score": suite("digits_score"),
+    "curve-digits_score": curve("digits_score"),
 }
 
 
