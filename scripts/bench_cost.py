@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "teacher_reps": args.teacher_reps,
         "wall_s": time.perf_counter() - t0,
+        "load_average_1min_at_end": os.getloadavg()[0],  # other work on the machine inflates the ms figures
         "methods": methods,
     }
     print(json.dumps(out, indent=1))

@@ -146,7 +146,9 @@ def cost(root: Path) -> str:
     tf = statistics.median(r["teacher_forward_ms"] for r in rec["methods"].values())
     lines += ["", f"_Record `{rel}` (scripts/bench_cost.py): {env.get('machine', '?')}, {rec['threads']} thread(s), "
                   f"batch {rec['batch_size']}, one teacher forward {tf:.1f} ms (median over methods), commit "
-                  f"`{commit_of(env)}`._"]
+                  f"`{commit_of(env)}`" + (f", load average {rec['load_average_1min_at_end']:.1f} at the end (other "
+                                           "work on the machine inflates the ms, not the forward counts)"
+                                           if "load_average_1min_at_end" in rec else "") + "._"]
     return "\n".join(lines)
 
 
