@@ -373,6 +373,58 @@ def main_job(root: Path) -> str:
                                       else "") + ").")
 
 
+#: (suite, config, bench_cost method) rows of the budget table
+BUDGET_ROWS = [("digits", "digits_cd", "cd"), ("digits_score", "digits_sid", "sid"), ("digits_score", "digits_sim", "sim"),
+               ("digits_score", "digits_fdistill", "fdistill"), ("digits_dmd2", "digits_dmd2", "dmd2"),
+               ("digits_dmd2", "digits_dmd2_gan", "dmd2_gan")]
+BUDGETS_MIN = (15, 60, 120)
+
+
+def budgets(root: Path) -> str:
+    """Best 1-NFE FID reached within 15 min, 1 h and 2 h of training on one core, per recipe: each run's in-training
+    FID curve (training seed 0, sampling seed 0) with its iterations converted to minutes by the method's cost per
+    iteration measured alone (``docs/bench/cost.json``), so runs that shared the CPU are not penalised."""
+    cost = _load(BENCH / "cost.json", root)
+    if not cost:
+        return _missing(BENCH / "cost.json", "python scripts/bench_cost.py --json docs/bench/cost.json")
+    lines = ["| recipe | ms / iteration (1 thread) | " + " | ".join(f"best 1-NFE FID within {b} min" for b in BUDGETS_MIN)
+             + " |", "|" + "---|" * (2 + len(BUDGETS_MIN))]
+    best: dict[int, tuple[float, str]] = {}
+    sources = []
+    for suite_name, cfg, method in BUDGET_ROWS:
+        rec = _load(BENCH / f"{suite_name}.json", root)
+        runs = (rec or {}).get("runs", {}).get(cfg)
+        if not runs or method not in cost["methods"]:
+            continue
+        run = next((r for r in runs if r["seed"] == 0), runs[0])
+        ms = cost["methods"][method]["ms_per_iteration"]
+        curve = sorted((c["iteration"], c["score"]) for c in run.get("curve") or [] if c["nfe"] == 1)
+        if not curve:
+            continue
+        sources.append(f"`{BENCH / suite_name}.json`")
+        cells = []
+        for b in BUDGETS_MIN:
+            within = [(f, it) for it, f in curve if it * ms / 60000 <= b]
+            if not within:
+                cells.append("–")
+                continue
+            f, it = min(within)
+            ended = curve[-1][0] * ms / 60000 < b
+            cells.append(f"{f:.3g} (it {it}" + (", run ended" if ended else "") + ")")
+            if f < best.get(b, (float("inf"), ""))[0]:
+                best[b] = (f, cfg)
+        lines.append(f"| {cfg} | {ms:.0f} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return "_No FID curves yet._"
+    lines += ["", "Best per budget: " + "; ".join(f"{b} min: {best[b][1]} ({best[b][0]:.3g})" for b in BUDGETS_MIN
+                                                  if b in best) + ".",
+              "", f"_Curves from {', '.join(sorted(set(sources)))} (training seed 0, sampling seed 0 of the in-training "
+                  f"evaluation); cost per iteration from `docs/bench/cost.json` (commit `{commit_of(cost.get('environment'))}`)."
+                  " A run's budget cell shows its best point within the budget; \"run ended\" marks a run shorter than "
+                  "the budget._"]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
     "history-dmd2": history_dmd2,
@@ -381,6 +433,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "calibration": calibration,
     "overhead": overhead,
     "cost": cost,
+    "budgets": budgets,
     "ring-floor": ring_floor,
     "speedup": speedup,
     "teacher-ring": solvers("ring_teacher", "ring_teacher"),

@@ -107,3 +107,26 @@ def test_bench_cost_reports_every_figure_and_dmd2_updates_the_generator_every_cr
     sched = mod.schedule(build_module(cfg).loss)
     assert sched["iterations_per_student_update"] == cfg.loss.critic_updates == 5
     assert sched["per_update"] == {"critic": 4.0, "critic+student": 1.0}
+
+
+def test_every_shipped_config_loads_and_builds_its_loss_and_every_suite_resolves():
+    """A config or suite that no longer matches the code fails here, not hours into a benchmark."""
+    from distill.config import load_config, to_container
+    from losses import build_loss
+
+    bench = _load("bench")
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name == "suites.yaml":
+            continue
+        cfg = load_config(path, [])
+        if cfg.loss is not None and to_container(cfg.loss).get("name"):
+            kw = to_container(cfg.loss)
+            build_loss(kw.pop("name"), **kw)
+    suites = bench.OmegaConf.to_container(bench.OmegaConf.load(bench.SUITES))
+    for name in suites:
+        suite = bench.load_suite(name)
+        rows = bench.rows_of(suite)
+        assert rows and all(cfg in suite["configs"] for _, cfg, _ in rows)
+    fdiv = bench.rows_of(bench.load_suite("mixture_fdiv"))
+    assert [key for key, _, _ in fdiv] == ["mixture_fdistill[reverse_kl]", "mixture_fdistill[forward_kl]",
+                                           "mixture_fdistill[js]"]
