@@ -92,7 +92,8 @@ def suite_markdown(record: Mapping[str, Any], path: str) -> str:
     head = "| model | " + " | ".join(f"@ {k} NFE" if k else "exact" for k in cols) + \
         " | s / 1k it | it/s | peak MB | ± over |"
     lines = [f"{label}; sampling seeds {suite['sample_seeds']}, training seeds {suite['train_seeds']} "
-             f"(suite `{record['suite']}`" + (f"; own seeds: {suite['config_seeds']}" if suite.get("config_seeds") else "")
+             f"(suite `{record['suite']}`"
+             + (f"; own seeds: {suite['config_seeds']}" if suite.get("config_seeds") else "")
              + ").", "", head, "|" + "---|" * (len(cols) + 5)]
 
     def cell(c: Cell | None) -> str:

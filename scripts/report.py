@@ -374,7 +374,8 @@ def main_job(root: Path) -> str:
 
 
 #: (suite, config, bench_cost method) rows of the budget table
-BUDGET_ROWS = [("digits", "digits_cd", "cd"), ("digits_score", "digits_sid", "sid"), ("digits_score", "digits_sim", "sim"),
+BUDGET_ROWS = [("digits", "digits_cd", "cd"), ("digits_score", "digits_sid", "sid"),
+               ("digits_score", "digits_sim", "sim"),
                ("digits_score", "digits_fdistill", "fdistill"), ("digits_dmd2", "digits_dmd2", "dmd2"),
                ("digits_dmd2", "digits_dmd2_gan", "dmd2_gan")]
 BUDGETS_MIN = (15, 60, 120)
@@ -387,7 +388,8 @@ def budgets(root: Path) -> str:
     cost = _load(BENCH / "cost.json", root)
     if not cost:
         return _missing(BENCH / "cost.json", "python scripts/bench_cost.py --json docs/bench/cost.json")
-    lines = ["| recipe | ms / iteration (1 thread) | " + " | ".join(f"best 1-NFE FID within {b} min" for b in BUDGETS_MIN)
+    lines = ["| recipe | ms / iteration (1 thread) | "
+             + " | ".join(f"best 1-NFE FID within {b} min" for b in BUDGETS_MIN)
              + " |", "|" + "---|" * (2 + len(BUDGETS_MIN))]
     best: dict[int, tuple[float, str]] = {}
     sources = []
@@ -418,8 +420,9 @@ def budgets(root: Path) -> str:
         return "_No FID curves yet._"
     lines += ["", "Best per budget: " + "; ".join(f"{b} min: {best[b][1]} ({best[b][0]:.3g})" for b in BUDGETS_MIN
                                                   if b in best) + ".",
-              "", f"_Curves from {', '.join(sorted(set(sources)))} (training seed 0, sampling seed 0 of the in-training "
-                  f"evaluation); cost per iteration from `docs/bench/cost.json` (commit `{commit_of(cost.get('environment'))}`)."
+              "", f"_Curves from {', '.join(sorted(set(sources)))} (training seed 0, sampling seed 0 of the "
+                  "in-training evaluation); cost per iteration from `docs/bench/cost.json` (commit "
+                  f"`{commit_of(cost.get('environment'))}`)."
                   " A run's budget cell shows its best point within the budget; \"run ended\" marks a run shorter than "
                   "the budget._"]
     return "\n".join(lines)
