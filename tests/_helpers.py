@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from losses.base import Batch, StepContext
+from students import FlowMapStudent
 
 
 def ctx(k: int = 0, total: int = 100, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StepContext:
@@ -29,3 +31,44 @@ def fit(step, params, steps: int, lr: float) -> None:
         step(i).backward()
         opt.step()
         sched.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gaussian -> Gaussian closed forms shared by the distribution-matching loss tests (docs/methods.md §4.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor | float, m, s) -> torch.Tensor:
+    """Closed form ``D*(x, sigma) = (s^2 x + sigma^2 m) / (s^2 + sigma^2)`` of ``N(m, s^2)`` (``sigma`` scalar or
+    ``[B]``, broadcast over ``x: [B, ...]``)."""
+    sig2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))) ** 2
+    return (s**2 * x + sig2 * m) / (s**2 + sig2)
+
+
+class GaussianGenerator(FlowMapStudent):
+    """One-step generator ``x = b + a z`` in the student contract: ``J(sigma_max z, sigma_max, 0) = b + a z``
+    (float64 parameters). With a list ``b`` and labels, ``b`` is per class: ``x = b[c] + a z``."""
+
+    kind = "generator"
+
+    def __init__(self, a: float, b: float | list[float], sigma_max: float = 80.0) -> None:
+        super().__init__((1,), 0.002, sigma_max, 0.5)
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
+        b = self.b if cond is None else self.b[cond][:, None]
+        return b + self.a * x / sigma_from.reshape(-1, 1)
+
+
+class ExactGaussianFake(nn.Module):
+    """The exact fake denoiser of a :class:`GaussianGenerator`'s *current* ``N(b[c], a^2)``, its parameters held
+    fixed (stop-gradient: SiD's ``sg(psi)``, SIM's ``sg[theta]``)."""
+
+    def __init__(self, gen: GaussianGenerator) -> None:
+        super().__init__()
+        self.__dict__["gen"] = gen  # a reference, not a submodule: the fake must not own the generator's parameters
+
+    def denoise(self, x, sigma, cond=None):
+        a, b = self.gen.a.detach().abs(), self.gen.b.detach()
+        return gaussian_denoiser(x, sigma, b if cond is None else b[cond][:, None], a)

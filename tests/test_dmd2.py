@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _helpers import fit
+from _helpers import ExactGaussianFake, GaussianGenerator, fit, gaussian_denoiser
 from torch import Tensor, nn
 
 from distill.core.precond import edm_scalings
@@ -54,40 +54,6 @@ def batch(size: int, data: Tensor | None = None, labels: Tensor | None = None, e
           iteration: int = 0, dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> Batch:
     return Batch(size, data, labels, extras, seed=seed, iteration=iteration, dtype=dtype, rank=rank,
                  world_size=world_size)
-
-
-def gaussian_denoiser(x: Tensor, sigma: Tensor, m: Tensor | float, s: Tensor | float) -> Tensor:
-    """Closed form ``D*(x, sigma) = (s^2 x + sigma^2 m) / (s^2 + sigma^2)`` of ``N(m, s^2)`` (``sigma: [B]``)."""
-    sig2 = sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2
-    return (s**2 * x + sig2 * m) / (s**2 + sig2)
-
-
-class GaussianGenerator(FlowMapStudent):
-    """One-step generator ``x = b + a z`` in the student contract: ``J(sigma_max z, sigma_max, 0) = b + a z``.
-    With ``classes``, ``b`` is per class: ``x = b[c] + a z``."""
-
-    kind = "generator"
-
-    def __init__(self, a: float, b: float | list[float], sigma_max: float = 80.0) -> None:
-        super().__init__((1,), 0.002, sigma_max, 0.5)
-        self.a = nn.Parameter(torch.tensor(a, dtype=F64))
-        self.b = nn.Parameter(torch.tensor(b, dtype=F64))
-
-    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
-        b = self.b if cond is None else self.b[cond][:, None]
-        return b + self.a * x / sigma_from.reshape(-1, 1)
-
-
-class ExactGaussianFake(nn.Module):
-    """The exact fake score of a :class:`GaussianGenerator`'s *current* distribution ``N(b[c], a^2)``."""
-
-    def __init__(self, gen: GaussianGenerator) -> None:
-        super().__init__()
-        self.__dict__["gen"] = gen  # a reference, not a submodule: the fake must not own the generator's parameters
-
-    def denoise(self, x, sigma, cond=None):
-        a, b = self.gen.a.detach().abs(), self.gen.b.detach()
-        return gaussian_denoiser(x, sigma, b if cond is None else b[cond][:, None], a)
 
 
 class AffineFake(nn.Module):

@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from _helpers import batch, ctx, fit
+from _helpers import ExactGaussianFake, GaussianGenerator, batch, ctx, fit, gaussian_denoiser
 from torch import nn
 
 from distill.core.registry import ConfigError
@@ -126,38 +126,8 @@ def test_clamps_bins_running_means_and_nan_rows():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def gaussian_denoiser(x, sigma, m, s):
-    sig2 = sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2
-    return (s**2 * x + sig2 * m) / (s**2 + sig2)
-
-
 def log_normal(x, m, var):
     return -0.5 * (x - m) ** 2 / var - 0.5 * torch.log(2 * math.pi * torch.as_tensor(var, dtype=x.dtype))
-
-
-class GaussianGenerator(FlowMapStudent):
-    """One-step generator ``x = b + a z`` (``J(sigma_max z, sigma_max, 0)``)."""
-
-    kind = "generator"
-
-    def __init__(self, a: float, b: float) -> None:
-        super().__init__((1,), 0.002, 80.0, 0.5)
-        self.a = nn.Parameter(torch.tensor(a, dtype=F64))
-        self.b = nn.Parameter(torch.tensor(b, dtype=F64))
-
-    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
-        return self.b + self.a * x / sigma_from.reshape(-1, 1)
-
-
-class ExactFake(nn.Module):
-    """The exact denoiser of the generator's current ``N(b, a^2)``."""
-
-    def __init__(self, gen):
-        super().__init__()
-        self.__dict__["gen"] = gen
-
-    def denoise(self, x, sigma, cond=None):
-        return gaussian_denoiser(x, sigma, self.gen.b.detach(), self.gen.a.detach().abs())
 
 
 class ExactLogRatio(nn.Module):
@@ -177,7 +147,7 @@ def exact_setup(divergence: str, a0: float, b0: float, **kw):
     gen = GaussianGenerator(a0, b0)
     loss = build_loss("fdistill", divergence=divergence, fake_init="fresh", fake_hidden=8, fake_depth=1, **kw)
     loss.setup(gen, teacher, ctx(dtype=F64))
-    loss.fake, loss.disc = ExactFake(gen), ExactLogRatio(gen)
+    loss.fake, loss.disc = ExactGaussianFake(gen), ExactLogRatio(gen)
     return teacher, gen, loss
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import fit
+from _helpers import ExactGaussianFake, GaussianGenerator, fit, gaussian_denoiser
 from torch import Tensor, nn
 
 from distill.core.registry import ConfigError
@@ -16,7 +16,7 @@ from distill.core.schedules import karras_sigmas, sample_discrete_index_sigma
 from losses import LOSSES, build_loss
 from losses.base import NONFINITE_ROWS, Batch, DataSpec, StepContext
 from losses.sid import SiD, sid_generator_loss
-from students import FlowMapStudent, build_student
+from students import build_student
 from teachers import GaussianMixtureTeacher, ring
 
 torch.set_num_threads(1)
@@ -31,36 +31,6 @@ def ctx(i: int = 0, dtype: torch.dtype = torch.float32) -> StepContext:
 
 def batch(n: int, data: Tensor | None = None, *, seed: int = 0, i: int = 0, dtype=torch.float32) -> Batch:
     return Batch(n, data, seed=seed, iteration=i, dtype=dtype)
-
-
-def gaussian_denoiser(x: Tensor, sigma: Tensor, m, s) -> Tensor:
-    """``D(x, sigma) = (s^2 x + sigma^2 m) / (s^2 + sigma^2)`` of ``N(m, s^2)``; ``x: [B, 1]``, ``sigma: [B]``."""
-    sig2 = sigma[:, None] ** 2
-    return (s**2 * x + sig2 * m) / (s**2 + sig2)
-
-
-class GaussianGenerator(FlowMapStudent):
-    """``G(sigma z, sigma) = b + a z``: a Gaussian generator ``N(b, a^2)`` in the student contract."""
-
-    kind = "generator"
-
-    def __init__(self, a: float, b: float) -> None:
-        super().__init__((1,), 0.002, 80.0, 0.5)
-        self.a, self.b = nn.Parameter(torch.tensor(a, dtype=F64)), nn.Parameter(torch.tensor(b, dtype=F64))
-
-    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
-        return self.b + self.a * x / sigma_from[:, None]
-
-
-class ExactGaussianFake(nn.Module):
-    """The exact fake denoiser of the generator's current N(b, a^2), its parameters held fixed (SiD's sg(psi))."""
-
-    def __init__(self, gen: GaussianGenerator) -> None:
-        super().__init__()
-        self.__dict__["gen"] = gen  # referenced, not owned
-
-    def denoise(self, x, sigma, cond=None):
-        return gaussian_denoiser(x, sigma, self.gen.b.detach(), self.gen.a.detach().abs())
 
 
 def pure_step(a: Tensor, b: Tensor, alpha: float, n: int) -> Tensor:

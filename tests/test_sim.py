@@ -8,50 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import batch, ctx, fit
-from torch import Tensor, nn
+from _helpers import ExactGaussianFake, GaussianGenerator, batch, ctx, fit, gaussian_denoiser
+from torch import nn
 
 from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
 from losses.base import NONFINITE_ROWS, DataSpec
 from losses.sim import SIM, distance_grad, sim_rows
-from students import FlowMapStudent, build_student
+from students import build_student
 from teachers import GaussianMixtureTeacher, ring
 
 F64 = torch.float64
 M, S = 1.0, 0.5  # the target N(M, S^2)
 DISTANCES = [("l2", 1.0), ("pseudo_huber", 0.05), ("pseudo_huber", 1e-3)]
-
-
-def gauss_den(x: Tensor, sigma: Tensor | float, m, s) -> Tensor:
-    """Denoiser of ``N(m, s^2)``: ``(s^2 x + sigma^2 m) / (s^2 + sigma^2)`` (``sigma`` scalar or ``[B]``)."""
-    sig2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))) ** 2
-    return (s**2 * x + sig2 * m) / (s**2 + sig2)
-
-
-class GaussianGenerator(FlowMapStudent):
-    """One-step generator ``G(sigma_max z) = b + a z`` in the student contract."""
-
-    kind = "generator"
-
-    def __init__(self, a: float, b: float) -> None:
-        super().__init__((1,), 0.002, 80.0, 0.5)
-        self.a = nn.Parameter(torch.tensor(a, dtype=F64))
-        self.b = nn.Parameter(torch.tensor(b, dtype=F64))
-
-    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
-        return self.b + self.a * x / sigma_from.reshape(-1, 1)
-
-
-class ExactFake(nn.Module):
-    """The exact denoiser of the generator's current ``N(b, a^2)`` at stop-gradient parameters (SIM's ``sg[theta]``)."""
-
-    def __init__(self, gen: GaussianGenerator) -> None:
-        super().__init__()
-        self.__dict__["gen"] = gen  # a reference: the fake must not own the generator's parameters
-
-    def denoise(self, x, sigma, cond=None):
-        return gauss_den(x, sigma, self.gen.b.detach(), self.gen.a.detach().abs())
 
 
 class TargetDenoiser(nn.Module):
@@ -61,7 +30,7 @@ class TargetDenoiser(nn.Module):
     data_shape, sigma_min, sigma_max, sigma_data = (1,), 0.002, 80.0, S
 
     def forward(self, x, sigma, cond=None, guidance=1.0):
-        return gauss_den(x, sigma, M, S)
+        return gaussian_denoiser(x, sigma, M, S)
 
 
 def gaussian_sim(a: float, b: float, light: bool = False, **kw):
@@ -70,7 +39,7 @@ def gaussian_sim(a: float, b: float, light: bool = False, **kw):
     gen = GaussianGenerator(a, b)
     loss = build_loss("sim", fake_init="fresh", fake_hidden=4, fake_depth=1, **kw)
     loss.setup(gen, teacher, ctx(dtype=F64))
-    loss.fake = ExactFake(gen)
+    loss.fake = ExactGaussianFake(gen)
     return (TargetDenoiser() if light else teacher), gen, loss
 
 
@@ -105,9 +74,10 @@ def test_surrogate_gradient_is_the_score_divergence_gradient(distance, c, a0, b0
     g = torch.Generator().manual_seed(1)
     z, n = torch.randn(400_000, 1, dtype=F64, generator=g), torch.randn(400_000, 1, dtype=F64, generator=g)
     x_t = gen.b + gen.a * z + sig * n
-    rows = sim_rows(gen.b + gen.a * z, gauss_den(x_t, sig, M, S), ExactFake(gen).denoise(x_t, sig), distance, c)
+    rows = sim_rows(gen.b + gen.a * z, gaussian_denoiser(x_t, sig, M, S), ExactGaussianFake(gen).denoise(x_t, sig),
+                    distance, c)
     got = torch.autograd.grad(rows.mean(), [gen.a, gen.b])
-    delta = gauss_den(x_t.detach(), sig, gen.b, gen.a) - gauss_den(x_t.detach(), sig, M, S)
+    delta = gaussian_denoiser(x_t.detach(), sig, gen.b, gen.a) - gaussian_denoiser(x_t.detach(), sig, M, S)
     div = (delta**2).sum(1) if distance == "l2" else ((delta**2).sum(1) + c * c).sqrt() - c
     want = torch.autograd.grad(div.mean(), [gen.a, gen.b])
     for gv, wv in zip(got, want):
@@ -150,7 +120,8 @@ def test_loss_value_and_injected_gradient_match_the_rows():
     x0 = bb + a * z
     sigma = loss._sim_sigma(b2, x0)
     x_t = x0 + sigma[:, None] * b2.randn(1, dtype=F64)
-    rows = sim_rows(x0, teacher(x_t, sigma), gauss_den(x_t, sigma, bb.detach(), a.detach()), "pseudo_huber", 0.1)
+    rows = sim_rows(x0, teacher(x_t, sigma), gaussian_denoiser(x_t, sigma, bb.detach(), a.detach()), "pseudo_huber",
+                    0.1)
     torch.testing.assert_close(out["loss"].detach(), rows.mean().detach())
     ga, gb = torch.autograd.grad(rows.mean(), [a, bb])
     torch.testing.assert_close(gen.a.grad, ga)
