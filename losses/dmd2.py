@@ -31,7 +31,7 @@ from distill.core.registry import ConfigError
 from students import SamplingPlan
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts import regression as reg
 
 __all__ = ["DMD2"]
@@ -110,10 +110,6 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
     # -- schedule and needs ----------------------------------------------------------------------------------------
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
-
-    def data_specs(self) -> dict[str, DataSpec]:
-        """Real data with a GAN head (else noise only), and teacher ODE pairs ``"pairs"`` when regressing."""
-        return {"data": DataSpec("real" if self.needs_data else "noise"), **self.regression_specs()}
 
     def sampling(self) -> SamplingPlan | None:
         """A multi-step generator samples at its training levels with re-noising (gamma = 1, as in the rollout)."""

@@ -35,7 +35,7 @@ from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts import divergences as fdiv
 from .parts import regression as reg
 
@@ -120,10 +120,6 @@ class FDistill(reg.RegressionWarmStart, DistillLoss):
     # -- schedule and needs ------------------------------------------------------------------------------------------
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
-
-    def data_specs(self) -> dict[str, DataSpec]:
-        """Real-side samples for the ratio estimator, and teacher ODE pairs ``"pairs"`` when regressing."""
-        return {"data": DataSpec("real"), **self.regression_specs()}
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score and the discriminator on ``ctx.device``, and the noise-level samplers."""

@@ -39,7 +39,7 @@ from distill.core.registry import ConfigError
 from students import SamplingPlan
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts import regression as reg
 from .parts.input_grad import fake_denoise_with_input_grad
 
@@ -138,10 +138,6 @@ class SiD(reg.RegressionWarmStart, DistillLoss):
 
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
-
-    def data_specs(self) -> dict[str, DataSpec]:
-        """Real data for SiDA's classifier (else noise only), and teacher ODE pairs ``"pairs"`` when regressing."""
-        return {"data": DataSpec("real" if self.needs_data else "noise"), **self.regression_specs()}
 
     def sampling(self) -> SamplingPlan | None:
         """One NFE starts at the training input level ``init_sigma`` (other NFEs: the default plan)."""

@@ -36,7 +36,7 @@ from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DataSpec, DistillLoss, StepContext
+from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts import regression as reg
 from .parts.input_grad import fake_denoise_with_input_grad
 
@@ -121,10 +121,6 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
 
     def update_every(self) -> dict[str, int]:
         return {"critic": 1, "student": self.critic_updates}
-
-    def data_specs(self) -> dict[str, DataSpec]:
-        """Noise only (data-free), plus teacher ODE pairs ``"pairs"`` when regressing."""
-        return {"data": DataSpec("noise"), **self.regression_specs()}
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score on ``ctx.device`` and the two noise-level samplers."""

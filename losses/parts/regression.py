@@ -71,8 +71,8 @@ class RegressionWarmStart:
     """Mixin for a :class:`~losses.base.DistillLoss` with phases ``("critic", "student")``: DMD2's warm-start
     schedule (:func:`warm_start_phases`), the ``"pairs"`` data spec, the regression step and DMD's regression term.
 
-    The loss calls :meth:`init_regression` in ``__init__``, adds :meth:`regression_specs` to its data specs, returns
-    :meth:`regression_step` from its student phase when it is not ``None``, and adds :meth:`regression_term`.
+    The loss calls :meth:`init_regression` in ``__init__``, returns :meth:`regression_step` from its student phase when
+    it is not ``None``, and adds :meth:`regression_term`; the ``"pairs"`` spec is added to its data specs here.
     """
 
     regression_steps: int = 0
@@ -93,11 +93,12 @@ class RegressionWarmStart:
         """Regression warm start (student only), then fake-score warm-up (critic only), then the TTUR schedule."""
         return warm_start_phases(step, self.regression_steps, self.fake_warmup, super().phases_for_step)
 
-    def regression_specs(self) -> dict[str, DataSpec]:
-        """``{"pairs": ...}`` when the schedule regresses, else ``{}``."""
+    def data_specs(self) -> dict[str, DataSpec]:
+        """The loss's own data specs, plus teacher ODE pairs ``"pairs"`` when the schedule regresses."""
+        specs = super().data_specs()
         if self.regression_steps > 0 or self.regression_weight > 0:
-            return {"pairs": pairs_spec(self.regression_pairs, self.regression_nfe, self._reg_guidance)}
-        return {}
+            specs["pairs"] = pairs_spec(self.regression_pairs, self.regression_nfe, self._reg_guidance)
+        return specs
 
     def regression_step(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float
                         ) -> dict[str, Tensor] | None:
