@@ -40,7 +40,6 @@ import inspect
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from distill.records import peak_rss_mb  # noqa: E402
 
 METHODS = ("cd", "dmd2", "dmd2_gan", "sid", "sim", "fdistill")
 WARM_START_KEYS = ("regression_steps", "fake_warmup")
@@ -132,12 +133,7 @@ def rss_now_mib() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return rss_peak_mib()
-
-
-def rss_peak_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # KiB on Linux, bytes on macOS
+    return peak_rss_mb()
 
 
 def measure(method: str, iters: int = 12, warmup: int = 3, threads: int = 1, teacher_reps: int = 2,
@@ -193,7 +189,7 @@ def measure(method: str, iters: int = 12, warmup: int = 3, threads: int = 1, tea
             torch.cuda.reset_peak_memory_stats(dev)
         else:
             baseline = rss_now_mib()
-        build_peak = rss_peak_mib()
+        build_peak = peak_rss_mb()
 
         def run_one() -> tuple[str, float]:
             key = "+".join(loss.phases_for_step(module.current_iteration))
@@ -227,7 +223,7 @@ def measure(method: str, iters: int = 12, warmup: int = 3, threads: int = 1, tea
                 c.active = True
         for c in counters.values():
             c.active = False
-        peak = rss_peak_mib()
+        peak = peak_rss_mb()
 
         med = {key: statistics.median(v) for key, v in times.items()}
         missing = sorted(set(sched["per_update"]) - set(med))
