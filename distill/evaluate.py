@@ -146,12 +146,21 @@ def scorer_from_config(teacher: Any, ev: Any) -> Scorer:
     return build_scorer(teacher, ev.features, ev.inception_path, ev.reference)
 
 
+def device_of(model: Any) -> torch.device:
+    """Where ``model`` runs: the device of its first parameter or buffer (the CPU for one that has neither)."""
+    for t in (*model.parameters(), *model.buffers()) if isinstance(model, torch.nn.Module) else ():
+        return t.device
+    return torch.device("cpu")
+
+
 def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond: Tensor | None,
-             batch_size: int) -> Tensor:
+             batch_size: int, device: torch.device | None = None) -> Tensor:
+    """``fn`` over ``noise`` (and ``cond``) in batches of ``batch_size``, each moved to ``device``; the samples come
+    back on the CPU. The draws themselves are made on the CPU, so they do not depend on the device."""
     outs = []
     for i in range(0, noise.shape[0], batch_size):
-        c = None if cond is None else cond[i: i + batch_size]
-        outs.append(fn(noise[i: i + batch_size], c))
+        c = None if cond is None else cond[i: i + batch_size].to(device)
+        outs.append(fn(noise[i: i + batch_size].to(device), c).cpu())
     return torch.cat(outs)
 
 
@@ -205,7 +214,7 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
             return fn(den, z, sigmas, c, generator=renoise)  # stochastic solvers draw from the seed's own stream
 
     with count_nfe(teacher) as counter:
-        x = _batched(run, noise, cond, batch_size)
+        x = _batched(run, noise, cond, batch_size, device_of(teacher))
     n_batches = math.ceil(n / batch_size)
     return x.float(), counter.calls // n_batches
 
@@ -233,7 +242,7 @@ def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan:
         return sample_student(student, z, sigmas, gamma=plan.gamma, cond=c, renoise=renoise[:, a:a + z.shape[0]])
 
     with count_nfe(student, "x0_estimate") as counter:
-        x = _batched(run, noise, cond, batch_size)
+        x = _batched(run, noise, cond, batch_size, device_of(student))
     student.train(was_training)
     return x.float(), counter.calls // math.ceil(n / batch_size), sigmas
 

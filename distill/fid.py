@@ -96,7 +96,30 @@ def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: Arra
         # of a singular PSD product is still well defined and sqrtm gets it right (tested against the eigenvalue
         # form), so SciPy's "Matrix is singular" warning is noise here.
         warnings.filterwarnings("ignore", message=".*singular.*", category=LinAlgWarning)
-        return float(cleanfid_fid.frechet_distance(m1, c1, m2, c2))
+        try:
+            return float(cleanfid_fid.frechet_distance(m1, c1, m2, c2))
+        except TypeError as err:  # a SciPy that removed sqrtm's `disp` (clean-fid 0.1.35 still passes it)
+            if "disp" not in str(err):
+                raise
+            return _frechet_distance_sqrtm(m1, c1, m2, c2)
+
+
+def _frechet_distance_sqrtm(m1: np.ndarray, c1: np.ndarray, m2: np.ndarray, c2: np.ndarray,
+                            eps: float = 1e-6) -> float:
+    """clean-fid's ``frechet_distance`` formula with SciPy's current ``sqrtm`` signature (no ``disp``): the same
+    eps-on-the-diagonal retry for a non-finite root and the same check that any imaginary part is round-off."""
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(c1.dot(c2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(c1.shape[0]) * eps
+        covmean = linalg.sqrtm((c1 + offset).dot(c2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm")
+        covmean = covmean.real
+    diff = m1 - m2
+    return float(diff.dot(diff) + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
 
 
 # ---------------------------------------------------------------------------------------------------------------

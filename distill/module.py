@@ -120,14 +120,13 @@ class DistillModule(L.LightningModule):
         return StepContext(k, self.max_steps, p.device, p.dtype, self.loss.round_of(k))
 
     def prepare(self, device: torch.device | str | None = None) -> None:
-        """Place teacher and student on ``device``, run the loss's ``setup`` there and prepare the data (the pair
-        cache). Idempotent; Lightning calls it from :meth:`setup`, scripts call it directly."""
+        """Place the module (teacher, student, EMA, counters) on ``device``, run the loss's ``setup`` there and
+        prepare the data (the pair cache). Idempotent; Lightning calls it from :meth:`setup`, scripts call it
+        directly."""
         if self._prepared:
             return
         if device is not None:
-            self.teacher.to(device)
-            self.student.to(device)
-            self.ema.to(device)
+            self.to(device)  # teacher, student, EMA and the module's own counters (skipped steps, non-finite rows)
         # Networks the loss builds are initialised from a seed of their own, so the setup is the same whatever ran
         # before it (Lightning's DDP launcher re-seeds the global RNG; a resumed run must rebuild the same modules).
         with torch.random.fork_rng(devices=[]):

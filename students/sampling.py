@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from distill.core.schedules import karras_sigmas
+from distill.core.streams import randn_like
 
 from .base import FlowMapStudent
 
@@ -132,7 +133,6 @@ def sample_student(
         x = student(x, s, u, cond)
         if u < t:
             # Fresh noise brings the marginal from level u back up to t (variances add in VE coordinates).
-            z = renoise[i].to(x) if renoise is not None else torch.randn(x.shape, generator=generator,
-                                                                           dtype=x.dtype, device=x.device)
+            z = renoise[i].to(x) if renoise is not None else randn_like(x, generator)
             x = x + math.sqrt(t * t - u * u) * z
     return x

@@ -80,6 +80,31 @@ def test_frechet_matches_eigenvalue_form_without_warnings(rank):
     assert [str(w.message) for w in caught] == []
 
 
+
+def test_frechet_fallback_for_scipy_without_disp_matches_clean_fid(monkeypatch):
+    """SciPy releases that removed sqrtm's ``disp`` break clean-fid's ``frechet_distance`` (TypeError); ours falls
+    back to the same formula with the current signature."""
+    import cleanfid.fid
+    from scipy import linalg
+
+    from distill.fid import _frechet_distance_sqrtm
+
+    rng = np.random.default_rng(2)
+    s1, s2 = _random_spd(12, rng), _random_spd(12, rng)
+    mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
+    expected = frechet_distance(mu1, s1, mu2, s2)
+    assert _frechet_distance_sqrtm(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    real_sqrtm = linalg.sqrtm
+
+    def sqrtm_without_disp(a, **kw):
+        if "disp" in kw:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        return real_sqrtm(a, **kw)
+
+    monkeypatch.setattr(cleanfid.fid.linalg, "sqrtm", sqrtm_without_disp)
+    monkeypatch.setattr(linalg, "sqrtm", sqrtm_without_disp)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
 def test_frechet_shape_error_is_one_line():
     with pytest.raises(ValueError, match="frechet_distance needs") as e:
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

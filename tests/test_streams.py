@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from distill.core.streams import generator, stream_seed
+from distill.core.streams import generator, randn_like, stream_seed
 from distill.evaluate import EVAL_STREAMS, eval_generator, generate_student
 from losses.base import Batch
 from students import SamplingPlan, build_student
@@ -69,3 +69,11 @@ def test_student_samples_do_not_depend_on_the_evaluation_batch_size():
     b = generate_student(student, 4, 64, 1, plan, batch_size=16)[0]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(a, generate_student(student, 4, 64, 2, plan, batch_size=16)[0])  # another seed
+
+
+def test_randn_like_draws_from_the_generator_device_independently():
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    z = randn_like(x, generator(0, "t"))
+    assert z.shape == x.shape and z.dtype == torch.float64 and z.device == x.device
+    assert torch.equal(z, torch.randn(3, 4, generator=generator(0, "t"), dtype=torch.float64))
+    assert not torch.equal(z, randn_like(x, generator(1, "t")))

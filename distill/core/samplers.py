@@ -38,6 +38,7 @@ from distill.core.solver_steps import (
     ipndm_update,
     unipc_update,
 )
+from distill.core.streams import randn_like
 
 __all__ = [
     "DenoiserFn",
@@ -162,7 +163,7 @@ def sample_heun(
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_churn > 0 and s_min <= fl[i] <= s_max else 0.0
         if gamma > 0:
             sigma = grid[i] * (1 + gamma)
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = randn_like(x, generator)
             x = x + s_noise * (sigma**2 - grid[i] ** 2).sqrt() * eps
         step = euler_step if fl[i + 1] == 0 else heun_step
         x = step(denoiser, x, sigma, grid[i + 1], cond)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["stream_seed", "generator"]
+__all__ = ["stream_seed", "generator", "randn_like"]
 
 
 def stream_seed(*parts: Any) -> int:
@@ -31,3 +31,12 @@ def generator(*parts: Any, device: torch.device | str = "cpu") -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed(stream_seed(*parts))
     return g
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard-normal draws shaped like ``x``, on ``x``'s device and dtype, from ``generator`` (``None``: torch's
+    global RNG). The draws are made on the generator's own device and moved, so a CPU stream gives the same numbers
+    whether the model runs on the CPU or a GPU (torch refuses a CPU generator for a CUDA draw)."""
+    if generator is None:
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
