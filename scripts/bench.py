@@ -14,6 +14,7 @@ teachers, the exact-vs-exact noise floor). The script then writes
 
     python scripts/bench.py ring --jobs 2                  # docs/bench/ring.{json,md,png}
     python scripts/bench.py tiny --out /tmp/bench --jobs 2  # CI-sized
+    python scripts/bench.py digits_long --jobs 5 --set trainer.accelerator=gpu   # extra overrides for every run
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one thread each)")
     ap.add_argument("--reuse-teacher", action="store_true",
                     help="take the teacher rows from the existing <out>/<suite>.json (deterministic solvers only)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override appended to every run's (repeatable; recorded), e.g. trainer.accelerator=gpu")
+    ap.add_argument("--collect", action="store_true",
+                    help="do not train: build the suite record from the finished runs' record.json files in --runs")
     ap.add_argument("--reeval", action="store_true",
                     help="do not train: score the suite's finished runs in --runs again with this code's evaluation")
     args = ap.parse_args(argv)
@@ -149,9 +154,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in suite["config_seeds"].get(cfg, suite["train_seeds"]):
             run_dir = args.runs / args.suite / key.replace("[", "_").rstrip("]") / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            jobs.append((key, cfg, run_overrides(suite, cfg, seed, run_dir, variant), run_dir / "bench.log"))
+            jobs.append((key, cfg, [*run_overrides(suite, cfg, seed, run_dir, variant), *args.extra],
+                         run_dir / "bench.log"))
     t0 = time.perf_counter()
-    if args.reeval:
+    if args.collect:
+        missing = [str(run_dir_of(ov)) for _, _, ov, _ in jobs if not (run_dir_of(ov) / "record.json").is_file()]
+        if missing:
+            raise SystemExit(f"--collect: {len(missing)} run(s) have no record.json: {', '.join(missing)}")
+        done = [(key, json.loads((run_dir_of(ov) / "record.json").read_text())) for key, _, ov, _ in jobs]
+    elif args.reeval:
         torch.set_num_threads(2)
         done = [(key, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
                 for key, cfg, ov, _ in jobs]
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                progress=False)
     t_rows = [r.__dict__ for r in t_rows]
     metric = scorer.metric
-    record = {"script": "scripts/bench.py", "suite": args.suite, "definition": suite, "metric": metric,
+    record = {"script": "scripts/bench.py", "suite": args.suite, "definition": suite, "extra_overrides": args.extra,
+              "metric": metric,
               "wall_s": round(time.perf_counter() - t0, 1), "environment": run_environment(),
               "runs": records, "teacher_rows": t_rows}
     path = args.out / f"{args.suite}.json"
