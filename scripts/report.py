@@ -125,13 +125,16 @@ def overhead(root: Path) -> str:
             f"{rec['threads']} thread(s), commit `{commit_of(rec.get('environment'))}`._")
 
 
-def cost(root: Path) -> str:
+def cost_block(name: str) -> Callable[[Path], str]:
     """Cost per generator update of each loss on the digits teacher, in teacher-forward equivalents, and peak memory
-    (``scripts/bench_cost.py``)."""
-    rel = BENCH / "cost.json"
+    (``scripts/bench_cost.py --json docs/bench/<name>``; on CUDA the memory columns are CUDA allocated memory)."""
+    return lambda root: _cost(root, BENCH / name)
+
+
+def _cost(root: Path, rel: Path) -> str:
     rec = _load(rel, root)
     if not rec:
-        return _missing(rel, "python scripts/bench_cost.py --json docs/bench/cost.json")
+        return _missing(rel, f"python scripts/bench_cost.py --json {rel}")
     cuda = any("peak_cuda_mib" in r for r in rec["methods"].values())
     mem = "CUDA allocated" if cuda else "RSS"
     lines = [f"| method | iterations per generator update | ms / generator update | teacher-forward equivalents | "
@@ -353,11 +356,12 @@ def history_dmd2(root: Path) -> str:
 
 def main_job(root: Path) -> str:
     """The README's main-job cost, from the ``record.json`` of the README command run alone
-    (``docs/bench/main_job.json``: ``distill train configs/digits_cd.yaml``, copied from ``runs/digits_cd``)."""
+    (``docs/bench/main_job.json``: ``distill train configs/digits_sim_15min.yaml``, copied from
+    ``runs/digits_sim_15min``)."""
     rel = BENCH / "main_job.json"
     run = _load(rel, root)
     if not run:
-        return _missing(rel, "distill train configs/digits_cd.yaml && cp runs/digits_cd/record.json "
+        return _missing(rel, "distill train configs/digits_sim_15min.yaml && cp runs/digits_sim_15min/record.json "
                              "docs/bench/main_job.json")
     part = run["parts"][-1]
     total = part["train_s"] + (part["eval_s"] or 0.0)
@@ -435,7 +439,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bars": bars,
     "calibration": calibration,
     "overhead": overhead,
-    "cost": cost,
+    "cost": cost_block("cost.json"),
+    "cost-gpu": cost_block("cost_gpu.json"),
     "budgets": budgets,
     "ring-floor": ring_floor,
     "speedup": speedup,
@@ -454,6 +459,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "modes-mixture_fdiv": modes("mixture_fdiv"),
     "suite-digits_score": suite("digits_score"),
     "curve-digits_score": curve("digits_score"),
+    "suite-digits_long": suite("digits_long"),
+    "curve-digits_long": curve("digits_long"),
 }
 
 
