@@ -304,7 +304,8 @@ def bars(root: Path) -> str:
             if 1 in c and ref:
                 out.append(f"| digits {cfg}: 1-NFE within 1.5x the teacher (next bar) | {c[1][0] / ref[0]:.2f}x | "
                            f"{'yes' if c[1][0] <= 1.5 * ref[0] else 'no'} |")
-    out += _one_step_digits_bars("digits_score", _load(BENCH / "digits_score.json", root))
+    for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
+        out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
 
 
