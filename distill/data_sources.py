@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,9 @@ class TeacherPairCache:
         self.folder = Path(folder) / self.key
         self.tensors: tuple[Tensor, Tensor, Tensor | None] | None = None
         self.generated_shards = 0  # shards this process generated (0 when everything came from disk)
+        #: what generating the pairs cost: pairs, seconds and teacher network evaluations (this launch's shards
+        #: plus any earlier launch's, from meta.json), and how many pairs this launch read from disk
+        self.cost: dict[str, Any] = {}
 
     def _shard(self, i: int) -> Path:
         return self.folder / f"shard_{i:05d}.safetensors"
@@ -226,13 +230,25 @@ class TeacherPairCache:
         if rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             missing = [i for i in range(shards) if not self._shard(i).is_file()]
+            meta_path = self.folder / "meta.json"
+            before = json.loads(meta_path.read_text()).get("generation", {}) if meta_path.is_file() else {}
+            spent = {"pairs": int(before.get("pairs", 0)), "seconds": float(before.get("seconds", 0.0)),
+                     "network_evals": int(before.get("network_evals", 0))}
             if missing:
                 from tqdm.auto import tqdm
 
                 for i in tqdm(missing, desc=f"teacher pairs ({self.n}, {self.solver} {self.nfe} NFE)", leave=False):
+                    t0 = time.perf_counter()
                     self._generate(i, device)
+                    rows = min(self.n, (i + 1) * self.shard_size) - i * self.shard_size
+                    spent["pairs"] += rows
+                    spent["seconds"] = round(spent["seconds"] + time.perf_counter() - t0, 3)
+                    spent["network_evals"] += rows * self.nfe
+                    meta_path.write_text(json.dumps({**self.meta, "complete": False, "generation": spent}, indent=1))
                 self.generated_shards = len(missing)
-            (self.folder / "meta.json").write_text(json.dumps({**self.meta, "complete": True}, indent=1))
+            meta_path.write_text(json.dumps({**self.meta, "complete": True, "generation": spent}, indent=1))
+            self.cost = {**spent, "device": str(device), "generated_this_launch": sum(
+                min(self.n, (i + 1) * self.shard_size) - i * self.shard_size for i in missing)}
         if dist:
             torch.distributed.barrier()
         parts = []

@@ -183,7 +183,9 @@ def run_training(cfg: DictConfig, resume: bool | str = False, final_eval: bool =
     train_s = time.perf_counter() - t0
     result: dict[str, Any] = {"out_dir": str(out_dir), "checkpoint": str(ckpt_cb.last),
                               "iterations": module.current_iteration, "skipped_steps": int(module.skipped_steps),
-                              "nonfinite_rows": int(module.nonfinite_rows)}
+                              "nonfinite_rows": int(module.nonfinite_rows),
+                              "data_cost": {name: prov.cache.cost for name, prov in module.providers.items()
+                                            if getattr(getattr(prov, "cache", None), "cost", None)}}
     if final_eval and scorer is not None and trainer.is_global_zero:
         t1 = time.perf_counter()
         result["eval"] = final_evaluation(module, scorer, cfg, out_dir, fid_cb)
@@ -214,6 +216,7 @@ def write_run_record(cfg: DictConfig, out_dir: Path, result: dict[str, Any], ite
               "eval_seeds": list(cfg.eval.seeds), "iterations": result["iterations"],
               "skipped_steps": result["skipped_steps"], "parts": old.get("parts", []) + [part],
               "eval": result.get("eval", {}).get("rows", old.get("eval")), "curve": curve or old.get("curve", []),
+              "data_cost": result.get("data_cost") or old.get("data_cost", {}),
               "config": container}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str))

@@ -50,15 +50,20 @@ def test_teacher_pair_cache_is_exact_sharded_resumable_and_reused(tmp_path):
     torch.testing.assert_close(x0, want.float())
     shards = sorted(cache.folder.glob("shard_*.safetensors"))
     assert len(shards) == 3 and not list(cache.folder.glob("*.tmp"))
+    # the generation cost is recorded: 10 pairs x 5 network evaluations, on this launch
+    assert cache.cost["pairs"] == 10 and cache.cost["network_evals"] == 50 and cache.cost["seconds"] > 0
+    assert cache.cost["generated_this_launch"] == 10
     # an interrupted generation resumes from the missing shard and gives the same pairs
     shards[1].unlink()
     again = TeacherPairCache(teacher, tmp_path, seed=0, n=10, nfe=5, shard_size=4)
     again.load()
     assert again.generated_shards == 1 and torch.equal(again.tensors[1], x0)
+    assert again.cost["generated_this_launch"] == 4 and again.cost["pairs"] == 14  # the cumulative cost grows
     # the same teacher/solver/NFE/seed reuses it; another NFE gets its own folder
     third = TeacherPairCache(teacher, tmp_path, seed=0, n=10, nfe=5, shard_size=4)
     third.load()
     assert third.generated_shards == 0
+    assert third.cost["generated_this_launch"] == 0 and third.cost["network_evals"] == 70  # read from meta.json
     assert TeacherPairCache(teacher, tmp_path, seed=0, n=10, nfe=7, shard_size=4).folder != cache.folder
     # a corrupt shard is named in one line
     shards[0].write_bytes(b"not a safetensors file")
