@@ -18,8 +18,6 @@ Nothing here downloads anything, and nothing is unpickled: weights are safetenso
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -28,9 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 from cleanfid.resize import build_resizer
-from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
+from distill.core.digits_classifier import (  # noqa: F401  (re-exported)
+    ASSETS_DIR,
+    DIGITS_CLASSIFIER_CONFIG,
+    DIGITS_CLASSIFIER_WEIGHTS,
+    DigitsClassifier,
+    file_sha256,
+    load_digits_classifier,
+)
 from distill.core.registry import Registry
 
 __all__ = [
@@ -49,22 +54,10 @@ __all__ = [
     "file_sha256",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-DIGITS_CLASSIFIER_WEIGHTS = ASSETS_DIR / "digits_classifier.safetensors"
-DIGITS_CLASSIFIER_CONFIG = ASSETS_DIR / "digits_classifier.json"
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_ENV_VAR = "DISTILL_INCEPTION_WEIGHTS"
 
 FEATURES: Registry[Any] = Registry("feature extractor")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_images(images: Tensor, where: str, channels: tuple[int, ...] | None = None) -> None:
@@ -129,47 +122,6 @@ class FeatureExtractor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class DigitsClassifier(nn.Module):
-    """Small CNN for 8x8 digits: conv -> conv -> 2x2 max-pool -> linear to a ``hidden``-d ReLU layer -> logits.
-
-    Args:
-        channels: output channels of the two 3x3 convolutions (padding 1, so 8x8 stays 8x8 until the pool).
-        hidden: width of the penultimate layer (the FID features).
-        num_classes: number of logits.
-        dropout: dropout on the penultimate features during training only.
-        image_size: side of the square input (8 for scikit-learn's digits).
-
-    Input ``x: [B, 1, image_size, image_size]`` in ``[-1, 1]``.
-    """
-
-    def __init__(
-        self,
-        channels: tuple[int, int] = (32, 64),
-        hidden: int = 64,
-        num_classes: int = 10,
-        dropout: float = 0.25,
-        image_size: int = 8,
-    ) -> None:
-        super().__init__()
-        c1, c2 = channels
-        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.fc1 = nn.Linear(c2 * (image_size // 2) ** 2, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
-        self.dropout = nn.Dropout(dropout)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate ReLU activations ``[B, hidden]``."""
-        h = torch.relu(self.conv1(x))
-        h = torch.relu(self.conv2(h))
-        h = nn.functional.max_pool2d(h, 2)
-        return torch.relu(self.fc1(h.flatten(1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, num_classes]``."""
-        return self.fc2(self.dropout(self.features(x)))
-
-
 @FEATURES.register("digits")
 class DigitsFeatures(FeatureExtractor):
     """64-d penultimate features of the shipped digits classifier (safetensors weights, JSON architecture).
@@ -183,36 +135,13 @@ class DigitsFeatures(FeatureExtractor):
     name = "digits"
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> None:
-        weights = Path(weights_path) if weights_path is not None else DIGITS_CLASSIFIER_WEIGHTS
-        config_path = weights.with_suffix(".json")
-        for p in (weights, config_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"digits classifier file {p} is missing; regenerate it with "
-                    f"`python scripts/train_classifier.py` (it writes {weights.name} and {config_path.name})"
-                )
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.model, self.config, sha = load_digits_classifier(weights_path)
         arch = self.config["architecture"]
-        self.model = DigitsClassifier(
-            channels=tuple(arch["channels"]),
-            hidden=arch["hidden"],
-            num_classes=arch["num_classes"],
-            dropout=arch["dropout"],
-            image_size=arch["image_size"],
-        )
-        self.model.load_state_dict(load_file(str(weights)))
         self.device = torch.device(device)
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.to(self.device)
         self.image_size = int(arch["image_size"])
         self.dim = int(arch["hidden"])
         self.num_classes = int(arch["num_classes"])
-        sha = file_sha256(weights)
-        expected = self.config.get("weights_sha256")
-        if expected is not None and expected != sha:
-            raise ValueError(
-                f"digits classifier weights {weights} do not match the sha256 in {config_path.name} "
-                f"({sha[:12]} != {expected[:12]}); retrain with scripts/train_classifier.py"
-            )
         self.version = sha[:12]
 
     def _validate(self, images: Tensor) -> None:

@@ -68,9 +68,9 @@ def kd_distance(a: Tensor, b: Tensor, distance: str, c: float = 0.0, features: C
 
 def digits_features(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """The shipped digits classifier's penultimate features as a frozen, differentiable map ``[B,1,8,8] -> [B,64]``."""
-    from distill.features import DigitsFeatures
+    from distill.core.digits_classifier import load_digits_classifier
 
-    return DigitsFeatures().model.to(device, dtype).eval().requires_grad_(False).features
+    return load_digits_classifier()[0].to(device, dtype).features
 
 
 @register_loss("kd")
