@@ -9,10 +9,10 @@ so ``J(x, s, s) = x`` for every network, ``J(x, s, 0) = D_theta(x, s, 0)`` is th
 deterministic multi-step sampler is a chain of jumps. Subclasses implement :meth:`FlowMapStudent.x0_estimate` (the
 ``D_theta``) and differ only in what it may depend on:
 
-* one-step / few-step **generator** (DMD2, SiD, SIM, f-distill): ``D_theta(x, s)`` ignores ``t``;
+* one-step / few-step **generator** (DMD2, SiD, SIM, f-distill, kd, reflow, PD, TDM): ``D_theta(x, s)`` ignores ``t``;
 * **consistency** function (CD, iCT, ECT, sCM): ``D_theta(x, s) = f_theta(x, s)`` with the boundary condition
   ``f_theta(x, sigma_min) = x`` built in by ``c_skip/c_out``;
-* general **flow map** (CTM, TCD, TDM, AYF): ``D_theta(x, s, t)`` depends on both noise levels.
+* general **flow map** (CTM, TCD, AYF): ``D_theta(x, s, t)`` depends on both noise levels.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ the teacher's diffusers UNet) under one preconditioning layer (:mod:`students.pr
 and the kinds differ only in the scalings and in whether ``F`` sees the target level ``t``:
 
 * :class:`GeneratorStudent` (``"generator"``) - a denoiser; ``D_theta(x, s)`` ignores ``t`` (DMD2, SiD, SIM,
-  f-distill);
+  f-distill, kd, reflow, PD, TDM);
 * :class:`ConsistencyStudent` (``"consistency"``) - the boundary ``f(x, sigma_min) = x`` built in (CD, iCT, ECT;
   :class:`students.precond.ConsistencyPrecond`);
 * :class:`TrigFlowStudent` (``"trigflow"``) - the sCM parameterisation (arXiv:2410.11081), boundary at ``sigma = 0``;
-* :class:`FlowMapNetStudent` (``"flowmap"``) - ``F`` also sees ``c_noise(t)`` (CTM, TCD, TDM, AYF).
+* :class:`FlowMapNetStudent` (``"flowmap"``) - ``F`` also sees ``c_noise(t)`` (CTM, TCD, AYF).
 
 ``student.net`` is the raw backbone; :meth:`_Student.raw` / :meth:`_Student.raw_fn` are the ``torch.func.jvp``
 entry points. ``config()`` = ``{"kind", "data_shape", "sigma_min", "sigma_max", "sigma_data", "backbone",
