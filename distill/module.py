@@ -92,7 +92,8 @@ class DistillModule(L.LightningModule):
         self.specs = loss.data_specs()
         # Fail on bad data specs now (one line), before any device work.
         self.providers = build_providers(self.specs, teacher, self.data_cfg)
-        self.sampling = resolve_sampling(loss, sampling)
+        self._sampling_override = sampling
+        self.sampling = resolve_sampling(loss, sampling)  # again after the loss's setup (prepare)
         self.ema = make_ema(student, ema)
         self.max_steps = max_steps
         self.seed = seed
@@ -132,6 +133,8 @@ class DistillModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(self.seed, "loss-setup"))
             self.loss.setup(self.student, self.teacher, self.context(0))
+        # A loss may build its plan from the teacher it saw in setup (its levels, sigma range): resolve it again.
+        self.sampling = resolve_sampling(self.loss, self._sampling_override)
         self.loss.to(next(self.student.parameters()).device)
         for prov in self.providers.values():
             prov.prepare(next(self.student.parameters()).device, self.global_rank)

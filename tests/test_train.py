@@ -264,3 +264,16 @@ def test_final_eval_reuses_the_callbacks_last_rows_exactly(tmp_path):
 
     fresh = final_evaluation(module, scorer_for(module.teacher, "auto"), cfg, tmp_path / "fresh", fid_cb=None)
     assert {(r["model"], r["nfe"], r["seed"]): r["score"] for r in fresh["rows"]} == reused
+
+
+def test_sampling_plan_is_resolved_again_after_the_loss_setup(tmp_path):
+    """A loss may build its sampling plan from what its setup saw (the teacher's levels): the module asks again after
+    setup, and the config's ``sampling`` section still overrides it."""
+    from distill.train import build_module
+    from students import SamplingPlan
+
+    module = build_module(ring_cfg(tmp_path, 5, **{"sampling.floor": 0.7, "sampling.gamma": "null"}))
+    assert module.sampling.gamma != 0.25
+    module.loss.sampling = lambda: SamplingPlan(gamma=0.25, floor=0.3)  # what a setup-dependent plan returns
+    module.prepare()
+    assert module.sampling.gamma == 0.25 and module.sampling.floor == 0.7
