@@ -283,6 +283,35 @@ def _exact_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     return out
 
 
+PEER_REFLOW_SW1 = 0.114  # a public peer's reflow + distill, 1 NFE on this ring (issue 11)
+
+
+def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 11's ring bars: every recipe's 1-NFE SW1 below the peer's reflow row; TDM's and PD's 4-NFE students
+    within 1.5x the teacher's Heun-35 with every mode within 0.025 of its weight; reflow's 2 NFE not worse than 1."""
+    if not rec:
+        return []
+    students, teachers = _cells(rec)
+    ref = _teacher_ref(teachers)
+    out = []
+    for cfg, s in students.items():
+        c = s["cells"]
+        if 1 in c:
+            out.append(f"| {name} {cfg}: 1-NFE SW1 below the peer's reflow row ({PEER_REFLOW_SW1}) | {c[1][0]:.4g} | "
+                       f"{'yes' if c[1][0] < PEER_REFLOW_SW1 else 'no'} |")
+        if ("tdm" in cfg or cfg.endswith("pd4")) and 4 in c and ref:
+            errs = [row["record"].get("mass_error", float("nan")) for run in rec["runs"][cfg] for row in run["eval"]
+                    if row["model"] != "teacher" and row["nfe"] == 4]
+            ok = c[4][0] <= 1.5 * ref[0] and errs and max(errs) <= 0.025
+            out.append(f"| {name} {cfg}: 4-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 "
+                       f"(worst seed) | {c[4][0]:.4g} vs {ref[0]:.4g} ({c[4][0] / ref[0]:.2f}x), "
+                       f"{max(errs):.3f} | {'yes' if ok else 'no'} |")
+        if "reflow" in cfg and 1 in c and 2 in c:
+            out.append(f"| {name} {cfg}: 2-NFE not worse than 1-NFE | {c[2][0]:.4g} vs {c[1][0]:.4g} | "
+                       f"{'yes' if c[2][0] <= c[1][0] else 'no'} |")
+    return out
+
+
 def bars(root: Path) -> str:
     """The bars of docs/benchmarks.md checked against the records (met / not met, with the numbers)."""
     out = ["| bar | measured | met |", "|---|---|---|"]
@@ -304,6 +333,7 @@ def bars(root: Path) -> str:
             if 1 in c and ref:
                 out.append(f"| digits {cfg}: 1-NFE within 1.5x the teacher (next bar) | {c[1][0] / ref[0]:.2f}x | "
                            f"{'yes' if c[1][0] <= 1.5 * ref[0] else 'no'} |")
+    out += _traj_bars("ring_traj", _load(BENCH / "ring_traj.json", root))
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
@@ -462,6 +492,10 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_score": suite("digits_score"),
     "curve-digits_score": curve("digits_score"),
     "suite-digits_long": suite("digits_long"),
+    "suite-ring_traj": suite("ring_traj"),
+    "modes-ring_traj": modes("ring_traj"),
+    "suite-grid_traj": suite("grid_traj"),
+    "suite-digits_traj": suite("digits_traj"),
     "curve-digits_long": curve("digits_long"),
 }
 
