@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="take the teacher rows from the existing <out>/<suite>.json (deterministic solvers only)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override appended to every run's (repeatable; recorded), e.g. trainer.accelerator=gpu")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="train only the runs without a record.json in --runs (e.g. a config added to the suite)")
     ap.add_argument("--collect", action="store_true",
                     help="do not train: build the suite record from the finished runs' record.json files in --runs")
     ap.add_argument("--reeval", action="store_true",
@@ -167,8 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         done = [(key, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
                 for key, cfg, ov, _ in jobs]
     else:
+        def run(job: tuple[str, str, list[str], Path]) -> tuple[str, dict[str, Any]]:
+            record = run_dir_of(job[2]) / "record.json"
+            if args.skip_done and record.is_file():
+                return job[0], json.loads(record.read_text())
+            return job[0], train_one(*job[1:])
+
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            done = list(pool.map(lambda j: (j[0], train_one(*j[1:])), jobs))
+            done = list(pool.map(run, jobs))
     records: dict[str, list[dict[str, Any]]] = {}
     for cfg, rec in done:
         records.setdefault(cfg, []).append(rec)

@@ -288,7 +288,7 @@ PEER_REFLOW_SW1 = 0.114  # a public peer's reflow + distill, 1 NFE on this ring 
 
 def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     """Issue 11's ring bars: every recipe's 1-NFE SW1 below the peer's reflow row; TDM's and PD's 4-NFE students
-    within 1.5x the teacher's Heun-35 with every mode within 0.025 of its weight; reflow's 2 NFE not worse than 1."""
+    within 1.5x the teacher's Heun-35 with every mode within 0.025 of its weight; the 3-RF's 2 NFE not worse than 1."""
     if not rec:
         return []
     students, teachers = _cells(rec)
@@ -306,7 +306,7 @@ def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
             out.append(f"| {name} {cfg}: 4-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 "
                        f"(worst seed) | {c[4][0]:.4g} vs {ref[0]:.4g} ({c[4][0] / ref[0]:.2f}x), "
                        f"{max(errs):.3f} | {'yes' if ok else 'no'} |")
-        if "reflow" in cfg and 1 in c and 2 in c:
+        if cfg.endswith("reflow3") and 1 in c and 2 in c:  # the k-RF flow itself (ring_reflow is its 1-step student)
             out.append(f"| {name} {cfg}: 2-NFE not worse than 1-NFE | {c[2][0]:.4g} vs {c[1][0]:.4g} | "
                        f"{'yes' if c[2][0] <= c[1][0] else 'no'} |")
     return out
