@@ -31,8 +31,9 @@ uniformly in ``s^(1/7)`` over ``[s_{k+1}, s_k]``. Departures: the importance wei
 (neither is the authors'); the normaliser divides the *gradient* (DMD2 style) where the authors divide the loss by it
 (the same L2 gradient direction; under pseudo-Huber the residual is the normalised one here); a generator student
 whose ``D`` ignores the target level (the card's eps-prediction student); ``guidance`` is the teacher's CFG weight.
-The regression warm start (:class:`losses.parts.regression.RegressionWarmStart`, not in TDM) regresses the 1-step map
-``D(sigma_max z, sigma_max)`` onto teacher ODE pairs.
+The optional regression warm start (:class:`losses.parts.regression.RegressionWarmStart`, DMD2's; not in TDM)
+regresses the endpoint of the student's K-step deterministic chain (all K levels, gradient through every jump) onto
+cached teacher ODE pairs, and ``regression_weight`` keeps that term afterwards.
 """
 
 from __future__ import annotations
@@ -210,9 +211,14 @@ class TDM(reg.RegressionWarmStart, DistillLoss):
         if phase == "critic":
             return self._critic(student, teacher, batch, ctx)
         if phase == "student":
-            warm = self.regression_step(student, batch, ctx, self.sigma_max)
+            warm = self.regression_step(student, batch, ctx, self.sigma_max, self._chain(ctx))
             return warm if warm is not None else self._student(student, teacher, batch, ctx)
         raise ValueError(f"tdm: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
+
+    def _chain(self, ctx: StepContext) -> Tensor:
+        """The K-step sampler's levels ``[s_0, ..., s_{K-1}, 0]``: the warm start regresses this chain's endpoint
+        onto the teacher pairs (all K levels trained), not DMD2's 1-step map."""
+        return torch.tensor(self.levels, device=ctx.device, dtype=ctx.dtype)
 
     def construct(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext, grad: bool
                   ) -> dict[str, Tensor]:
@@ -249,5 +255,5 @@ class TDM(reg.RegressionWarmStart, DistillLoss):
         rows, g, bad = tdm_generator_loss(x0_hat, d_teacher, d_fake, self.distance, self.huber_c, self.norm_eps)
         out = {"tdm_loss": rows.detach().mean(), "tdm_grad_norm": g.reshape(batch.size, -1).norm(dim=1).mean(),
                "sample_mean": x0_hat.detach().mean(), "sample_std": x0_hat.detach().std(), NONFINITE_ROWS: bad.sum()}
-        out["loss"] = rows.mean() + self.regression_term(student, batch, ctx, self.sigma_max, out)
+        out["loss"] = rows.mean() + self.regression_term(student, batch, ctx, self.sigma_max, out, self._chain(ctx))
         return out

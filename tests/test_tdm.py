@@ -262,3 +262,27 @@ def test_defaults_and_config_errors():
     teacher = ring()
     with pytest.raises(ConfigError, match="sigma_max"):
         build_loss("tdm", sigma_max=100.0, fake_init="fresh").setup(None, teacher, ctx())
+
+
+def test_warm_start_regresses_the_k_step_chain_endpoint():
+    """With regression_steps > 0 the student phase regresses the K-step deterministic chain's endpoint (every level
+    trained), not the 1-step map: its loss is the MSE of the plan's own K-step sample against the pair endpoint."""
+    from students import sample_student
+
+    teacher = ring()
+    student = build_student("generator", teacher, init="fresh", hidden=16, depth=2)
+    loss = build_loss("tdm", steps=3, regression_steps=5, regression_pairs=8, fake_init="residual", fake_hidden=8,
+                      fake_depth=1)
+    c = StepContext(0, 10, torch.device("cpu"))
+    loss.setup(student, teacher, c)
+    g = torch.Generator().manual_seed(0)
+    z, x0 = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    b = Batch(8, extras={"pairs.z": z, "pairs.x0": x0})
+    out = loss("student", student, teacher, b, c)
+    chain = torch.tensor(loss.levels)
+    want = ((sample_student(student, z, chain, 0.0) - x0) ** 2).mean()
+    torch.testing.assert_close(out["loss"], want)
+    one_step = ((student(80.0 * z, torch.full((8,), 80.0), torch.zeros(8)) - x0) ** 2).mean()
+    assert not torch.allclose(out["loss"], one_step)
+    out["loss"].backward()  # every level of the chain gets a gradient through the generator
+    assert all(p.grad is not None for p in student.parameters())

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.core.registry import ConfigError
+from students.sampling import sample_student
 
 from ..base import Batch, DataSpec, StepContext
 
@@ -43,13 +44,21 @@ def pairs_spec(n: int, nfe: int, guidance: float) -> DataSpec:
     return DataSpec("teacher_pairs", options={"n": int(n), "nfe": int(nfe), "guidance": float(guidance)})
 
 
-def pair_regression(owner: str, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float
-                    ) -> tuple[Tensor, Tensor]:
-    """``(L_reg, sg(G(sigma_in z)))`` on the batch's ``pairs.z, pairs.x0: [B, ...]`` (``pairs.labels: [B]``)."""
+def pair_regression(owner: str, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float,
+                    chain: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(L_reg, sg(G(sigma_in z)))`` on the batch's ``pairs.z, pairs.x0: [B, ...]`` (``pairs.labels: [B]``).
+
+    ``chain``: the descending levels ``[sigma_0, ..., 0]`` of a multi-step student's deterministic sampler (TDM's K
+    steps); its endpoint from ``sigma_0 z`` is regressed instead, with gradient through every jump (Luhman & Luhman's
+    regression for a K-step student: a 1-step fit trains the generator at ``sigma_in`` alone)."""
     if "pairs.z" not in batch.extras:
         raise ValueError(f"{owner}: regression needs teacher pairs in batch.extras ('pairs.z', 'pairs.x0')")
     z = batch.extras["pairs.z"].to(device=ctx.device, dtype=ctx.dtype)
     x0 = batch.extras["pairs.x0"].to(device=ctx.device, dtype=ctx.dtype)
+    if chain is not None:
+        x = sample_student(student, z, chain.to(device=ctx.device, dtype=ctx.dtype), 0.0,
+                           batch.extras.get("pairs.labels"))
+        return F.mse_loss(x, x0), x.detach()
     s = torch.full((z.shape[0],), float(sigma_in), device=ctx.device, dtype=ctx.dtype)
     x = student(s[0] * z, s, torch.zeros_like(s), batch.extras.get("pairs.labels"))
     return F.mse_loss(x, x0), x.detach()
@@ -100,20 +109,21 @@ class RegressionWarmStart:
             specs["pairs"] = pairs_spec(self.regression_pairs, self.regression_nfe, self._reg_guidance)
         return specs
 
-    def regression_step(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float
-                        ) -> dict[str, Tensor] | None:
-        """The student phase's output during the warm start, ``None`` after it."""
+    def regression_step(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float,
+                        chain: Tensor | None = None) -> dict[str, Tensor] | None:
+        """The student phase's output during the warm start, ``None`` after it (``chain``: see
+        :func:`pair_regression`)."""
         if ctx.iteration >= self.regression_steps:
             return None
-        loss, x = pair_regression(self._reg_owner, student, batch, ctx, sigma_in)
+        loss, x = pair_regression(self._reg_owner, student, batch, ctx, sigma_in, chain)
         return {"loss": loss, "regression": loss.detach(), "sample_mean": x.mean(), "sample_std": x.std()}
 
     def regression_term(self, student: nn.Module, batch: Batch, ctx: StepContext, sigma_in: float,
-                        out: dict[str, Tensor]) -> Tensor | float:
+                        out: dict[str, Tensor], chain: Tensor | None = None) -> Tensor | float:
         """``regression_weight * L_reg`` during distribution matching (DMD's ``lambda_reg``; 0 when off), logged
         into ``out["regression"]``."""
         if self.regression_weight <= 0:
             return 0.0
-        loss = pair_regression(self._reg_owner, student, batch, ctx, sigma_in)[0]
+        loss = pair_regression(self._reg_owner, student, batch, ctx, sigma_in, chain)[0]
         out["regression"] = loss.detach()
         return self.regression_weight * loss
