@@ -212,7 +212,7 @@ def results(root: Path) -> str:
     """The README's headline table: each suite's students at 1/2/4 NFE next to the teacher's Heun-35."""
     lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
     notes = []
-    for name in ("digits", "digits_score", "digits_dmd2", "ring", "ring_score"):
+    for name in ("digits", "digits_score", "digits_dmd2", "ring", "ring_score", "ring_traj"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
