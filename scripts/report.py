@@ -283,6 +283,34 @@ def _exact_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def data_cost(name: str) -> Callable[[Path], str]:
+    """Per row of suite ``name``: what its cached teacher pairs cost to generate (``data_cost`` of the run records:
+    pairs, network evaluations, seconds, device), its training time and its peak memory; mean over training seeds."""
+    def render(root: Path) -> str:
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        if not rec:
+            return _missing(rel, f"python scripts/bench.py {name}")
+        lines = ["| row | teacher pairs | network evaluations | pair generation (s) | training (s) | peak RSS (MiB) |",
+                 "|---|---|---|---|---|---|"]
+        for cfg, runs in rec["runs"].items():
+            pairs = [r.get("data_cost", {}).get("pairs") for r in runs]
+            part = [r["parts"][-1] for r in runs]
+            mean = statistics.fmean
+            cells = ("–", "–", "–") if not all(pairs) else (
+                f"{pairs[0]['pairs']}", f"{pairs[0]['network_evals']:,}",
+                f"{mean(p['seconds'] for p in pairs):.2f} ({pairs[0]['device']})")
+            lines.append(f"| {cfg} | " + " | ".join(cells) + f" | {mean(p['train_s'] for p in part):.0f} | "
+                         f"{mean(p['peak_rss_mb'] for p in part):.0f} |")
+        env = rec.get("environment") or {}
+        lines += ["", f"_Record `{rel}`: {len(next(iter(rec['runs'].values())))} training seed(s) per row, "
+                      f"{env.get('machine', '?')}; runs shared the CPU ({rec['definition'].get('threads', 1)} thread "
+                      "each), so the seconds are upper bounds. Pairs a loss makes itself (reflow's later rounds) are "
+                      "in its logs (`pair_seconds`, `pair_network_evals`), not here._"]
+        return "\n".join(lines)
+    return render
+
+
 PEER_REFLOW_SW1 = 0.114  # a public peer's reflow + distill, 1 NFE on this ring (issue 11)
 
 
@@ -494,6 +522,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_long": suite("digits_long"),
     "suite-ring_traj": suite("ring_traj"),
     "modes-ring_traj": modes("ring_traj"),
+    "cost-ring_traj": data_cost("ring_traj"),
     "suite-grid_traj": suite("grid_traj"),
     "suite-digits_traj": suite("digits_traj"),
     "curve-digits_long": curve("digits_long"),
