@@ -212,7 +212,7 @@ def results(root: Path) -> str:
     """The README's headline table: each suite's students at 1/2/4 NFE next to the teacher's Heun-35."""
     lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
     notes = []
-    for name in ("digits", "digits_score", "digits_dmd2", "ring", "ring_score", "ring_traj"):
+    for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "ring", "ring_score", "ring_traj"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
@@ -520,6 +520,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_score": suite("digits_score"),
     "curve-digits_score": curve("digits_score"),
     "suite-digits_long": suite("digits_long"),
+    "suite-digits_sim_long": suite("digits_sim_long"),
+    "curve-digits_sim_long": curve("digits_sim_long"),
     "suite-ring_traj": suite("ring_traj"),
     "modes-ring_traj": modes("ring_traj"),
     "cost-ring_traj": data_cost("ring_traj"),
