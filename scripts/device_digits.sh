@@ -5,7 +5,9 @@
 #   bench/digits_long.{json,md,png}   scripts/bench.py digits_long on the GPU (max_steps sized to the time left)
 #   runs.tgz           every run's record.json, fid_vs_step.* and config.yaml (kept even if the suite is cut short)
 # The machine's image has torch/lightning but not diffusers/omegaconf/clean-fid: they travel in .gpu_site (pure
-# Python, copied from .venv; see docs/benchmarks.md "GPU runs").
+# Python, copied from .venv; docs/benchmarks.md "On a lent GPU"). Make it here once, then carry it:
+#   SP=.venv/lib/python3.11/site-packages; mkdir -p .gpu_site; echo /.gpu_site/ >> .git/info/exclude
+#   cp -r $SP/{diffusers,omegaconf,cleanfid,importlib_metadata}* .gpu_site/
 #   usage (device tool): bash scripts/device_digits.sh [TOTAL_SECONDS]   (default 560: under the tool's 600 s cap)
 set -u -o pipefail
 export PYTHONPATH="$PWD/.gpu_site:$PWD" PYTHONUNBUFFERED=1
