@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="take the teacher rows from the existing <out>/<suite>.json (deterministic solvers only)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override appended to every run's (repeatable; recorded), e.g. trainer.accelerator=gpu")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
+                    help="run only these configs of the suite (the record lists the rows it has)")
     ap.add_argument("--skip-done", action="store_true",
                     help="train only the runs without a record.json in --runs (e.g. a config added to the suite)")
     ap.add_argument("--collect", action="store_true",
@@ -150,6 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="do not train: score the suite's finished runs in --runs again with this code's evaluation")
     args = ap.parse_args(argv)
     suite = load_suite(args.suite)
+    if args.configs:
+        unknown = sorted(set(args.configs) - set(suite["configs"]))
+        if unknown:
+            raise SystemExit(f"--configs: {', '.join(unknown)} not in suite {args.suite!r}; its configs: "
+                             f"{', '.join(suite['configs'])}")
+        suite["configs"] = [c for c in suite["configs"] if c in args.configs]
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for key, cfg, variant in rows_of(suite):
