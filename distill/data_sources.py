@@ -202,9 +202,21 @@ class TeacherPairCache:
     def _shard(self, i: int) -> Path:
         return self.folder / f"shard_{i:05d}.safetensors"
 
+    def _write_meta(self, **fields: Any) -> None:
+        """``meta.json`` (the cache's identity plus ``fields``), written to a temporary file and renamed, so a kill
+        while it is written leaves the previous one."""
+        path = self.folder / "meta.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.meta, **fields}, indent=1))
+        os.replace(tmp, path)
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """The pair indices ``[lo, hi)`` of shard ``i``."""
+        return i * self.shard_size, min(self.n, (i + 1) * self.shard_size)
+
     @torch.no_grad()
     def _generate(self, i: int, device: torch.device) -> None:
-        lo, hi = i * self.shard_size, min(self.n, (i + 1) * self.shard_size)
+        lo, hi = self._bounds(i)
         g = _generator(self.seed, "teacher_pairs", i)
         z = torch.randn((hi - lo, *self.teacher.data_shape), generator=g)
         k = self.teacher.num_classes
@@ -234,21 +246,23 @@ class TeacherPairCache:
             before = json.loads(meta_path.read_text()).get("generation", {}) if meta_path.is_file() else {}
             spent = {"pairs": int(before.get("pairs", 0)), "seconds": float(before.get("seconds", 0.0)),
                      "network_evals": int(before.get("network_evals", 0))}
+            generated = 0
             if missing:
                 from tqdm.auto import tqdm
 
                 for i in tqdm(missing, desc=f"teacher pairs ({self.n}, {self.solver} {self.nfe} NFE)", leave=False):
                     t0 = time.perf_counter()
                     self._generate(i, device)
-                    rows = min(self.n, (i + 1) * self.shard_size) - i * self.shard_size
+                    lo, hi = self._bounds(i)
+                    rows = hi - lo
+                    generated += rows
                     spent["pairs"] += rows
                     spent["seconds"] = round(spent["seconds"] + time.perf_counter() - t0, 3)
                     spent["network_evals"] += rows * self.nfe
-                    meta_path.write_text(json.dumps({**self.meta, "complete": False, "generation": spent}, indent=1))
+                    self._write_meta(complete=False, generation=spent)
                 self.generated_shards = len(missing)
-            meta_path.write_text(json.dumps({**self.meta, "complete": True, "generation": spent}, indent=1))
-            self.cost = {**spent, "device": str(device), "generated_this_launch": sum(
-                min(self.n, (i + 1) * self.shard_size) - i * self.shard_size for i in missing)}
+            self._write_meta(complete=True, generation=spent)
+            self.cost = {**spent, "device": str(device), "generated_this_launch": generated}
         if dist:
             torch.distributed.barrier()
         parts = []
