@@ -80,6 +80,12 @@ def run_dir_of(overrides: list[str]) -> Path:
     return Path(next(o for o in overrides if o.startswith("out_dir="))[len("out_dir="):])
 
 
+def finished(overrides: list[str]) -> dict[str, Any] | None:
+    """The ``record.json`` of a run that finished (``None`` if it has none)."""
+    path = run_dir_of(overrides) / "record.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def train_one(cfg: str, overrides: list[str], log: Path) -> dict[str, Any]:
     """``distill train`` in a subprocess; returns its ``record.json``."""
     run_dir = run_dir_of(overrides)
@@ -168,20 +174,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          run_dir / "bench.log"))
     t0 = time.perf_counter()
     if args.collect:
-        missing = [str(run_dir_of(ov)) for _, _, ov, _ in jobs if not (run_dir_of(ov) / "record.json").is_file()]
+        done = [(key, finished(ov)) for key, _, ov, _ in jobs]
+        missing = [str(run_dir_of(ov)) for (_, rec), (_, _, ov, _) in zip(done, jobs) if rec is None]
         if missing:
             raise SystemExit(f"--collect: {len(missing)} run(s) have no record.json: {', '.join(missing)}")
-        done = [(key, json.loads((run_dir_of(ov) / "record.json").read_text())) for key, _, ov, _ in jobs]
     elif args.reeval:
         torch.set_num_threads(2)
         done = [(key, reevaluate(load_config(ROOT / "configs" / f"{cfg}.yaml", ov), run_dir_of(ov)))
                 for key, cfg, ov, _ in jobs]
     else:
         def run(job: tuple[str, str, list[str], Path]) -> tuple[str, dict[str, Any]]:
-            record = run_dir_of(job[2]) / "record.json"
-            if args.skip_done and record.is_file():
-                return job[0], json.loads(record.read_text())
-            return job[0], train_one(*job[1:])
+            rec = finished(job[2]) if args.skip_done else None
+            return job[0], rec if rec is not None else train_one(*job[1:])
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             done = list(pool.map(run, jobs))
