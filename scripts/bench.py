@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="an override appended to every run's (repeatable; recorded), e.g. trainer.accelerator=gpu")
     ap.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
                     help="run only these configs of the suite (the record lists the rows it has)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --configs: keep the existing <out>/<suite>.json's runs of the suite's other configs "
+                         "(the record then lists them all)")
     ap.add_argument("--skip-done", action="store_true",
                     help="train only the runs without a record.json in --runs (e.g. a config added to the suite)")
     ap.add_argument("--collect", action="store_true",
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="do not train: score the suite's finished runs in --runs again with this code's evaluation")
     args = ap.parse_args(argv)
     suite = load_suite(args.suite)
+    all_configs = list(suite["configs"])
+    if args.merge and not args.configs:
+        raise SystemExit("--merge needs --configs (the configs to run; the others are kept from the record)")
     if args.configs:
         unknown = sorted(set(args.configs) - set(suite["configs"]))
         if unknown:
@@ -190,15 +196,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             done = list(pool.map(run, jobs))
     records: dict[str, list[dict[str, Any]]] = {}
+    old = args.out / f"{args.suite}.json"
+    if args.merge and old.is_file():
+        kept = json.loads(old.read_text())["runs"]
+        ran = {key for key, _ in done}
+        all_keys = [key for key, _, _ in rows_of({**suite, "configs": all_configs})]
+        records = {key: kept[key] for key in all_keys if key in kept and key not in ran}
+        suite["configs"] = [c for c in all_configs if c in suite["configs"] or any(
+            k == c or k.startswith(f"{c}[") for k in records)]
     for cfg, rec in done:
         records.setdefault(cfg, []).append(rec)
+    records = {key: records[key] for key, _, _ in rows_of(suite) if key in records}
     # Teacher rows at the same NFEs and sampling seeds, with the protocol of the first config.
     first = load_config(ROOT / "configs" / f"{suite['configs'][0]}.yaml",
                         run_overrides(suite, suite["configs"][0], 0, args.runs / args.suite / "teacher"))
     torch.set_num_threads(max(1, args.jobs))
     teacher = build_teacher(to_container(first.teacher))
     scorer = scorer_for(first, teacher)
-    old = args.out / f"{args.suite}.json"
     if args.reuse_teacher and old.is_file():
         t_rows = [SimpleNamespace(**r) for r in json.loads(old.read_text())["teacher_rows"]]
     else:

@@ -84,6 +84,12 @@ def test_tiny_benchmark_suite_end_to_end(tmp_path):
         assert (tmp_path / "out" / name).is_file()
     md = (tmp_path / "out" / "tiny.md").read_text()
     assert "ring_cd (EMA student" in md and "teacher heun/karras" in md and "2 training seeds" in md
+    # --merge: re-collect ring_dmd2 alone and keep ring_cd's runs from the record (in the suite's row order)
+    (tmp_path / "runs" / "tiny" / "ring_cd").rename(tmp_path / "runs" / "ring_cd_gone")
+    merged = _load("bench").main(["tiny", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                                  "--configs", "ring_dmd2", "--collect", "--merge", "--reuse-teacher"])
+    assert list(merged["runs"]) == ["ring_cd", "ring_dmd2"] and merged["runs"]["ring_cd"] == rec["runs"]["ring_cd"]
+    assert merged["definition"]["configs"] == ["ring_cd", "ring_dmd2"]
 
 
 def test_bench_cost_reports_every_figure_and_dmd2_updates_the_generator_every_critic_updates(tmp_path):
