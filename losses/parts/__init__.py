@@ -5,6 +5,7 @@ inherited. Not losses themselves: ``losses._import_all`` skips this package.
 * :mod:`.fake_score` - the fake score network (teacher copy / fresh MLP / residual) and its DSM critic loss;
 * :mod:`.gan` - the GAN head on a feature tap of the fake score, non-saturating losses, ``no_param_grad``;
 * :mod:`.rollout` - one-step generation and multi-step backward simulation, drawn through the batch;
+* :mod:`.jvp` - directional derivatives (forward-mode JVP or central difference) and forked dropout RNG;
 * :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch.
 """
 
@@ -21,10 +22,15 @@ from .gan import (
     no_param_grad,
     noised_logits,
 )
+from .jvp import JVP_METHODS, check_jvp_method, jvp, same_randomness
 from .rollout import check_levels, generator_rollout
 from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config
 
 __all__ = [
+    "JVP_METHODS",
+    "check_jvp_method",
+    "jvp",
+    "same_randomness",
     "FAKE_INITS",
     "ResidualFakeScore",
     "build_fake_score",
