@@ -43,6 +43,9 @@ class UNetBackbone(Backbone):
       to the time embedding); its last linear is zero-initialised, so at init ``F`` ignores the target level. Such a
       UNet takes no labels.
     * ``num_class_embeds``: integer labels as ``class_labels``; ``cond=None`` means ``null_class``.
+    * ``trig_time`` (a TrigFlow student copied from an EDM teacher): the raw call takes TrigFlow time
+      ``c_noise = t`` and feeds the copied UNet EDM's ``log(sd tan t) / 4``, its output times ``sign``
+      (:func:`students.students._teacher_specs`).
     * text / DiT conditioning (``UNet2DConditionModel``, ``DiTTransformer2DModel``) would pass ``cond`` as
       ``encoder_hidden_states`` in :meth:`conditioning_kwargs`; not implemented (add the class to
       :data:`UNET_MODELS` with that branch).
@@ -52,13 +55,18 @@ class UNetBackbone(Backbone):
         timestep_scale: network timestep per unit ``c_noise``.
         two_levels: take the flow map's target level through the class embedding.
         null_class: label meaning "no class" for a class-conditional UNet.
+        trig_time: ``{"sigma_data", "sign"}``: take TrigFlow time and give the UNet EDM's ``c_noise``.
     """
 
     def __init__(self, unet: nn.Module, timestep_scale: float, two_levels: bool = False,
-                 null_class: int | None = None) -> None:
+                 null_class: int | None = None, trig_time: dict[str, float] | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.timestep_scale = float(timestep_scale)
+        self.trig_time = None if trig_time is None else {"sigma_data": float(trig_time["sigma_data"]),
+                                                          "sign": float(trig_time["sign"])}
+        if self.trig_time is not None and two_levels:
+            raise ConfigError("a TrigFlow-time UNet backbone cannot also be a flow map")
         self.two_levels = bool(two_levels)
         self.null_class = null_class
         cfg = getattr(unet, "config", {})
@@ -98,8 +106,12 @@ class UNetBackbone(Backbone):
     ) -> Tensor:
         """Args: ``x_in: [B, C, H, W]``, ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond: [B]`` labels or
         ``None``. Returns ``[B, C, H, W]``."""
-        out = self.unet(x_in, self.timestep_scale * c_noise, **self.conditioning_kwargs(x_in, c_noise_to, cond))
-        return out.sample if hasattr(out, "sample") else out
+        kwargs = self.conditioning_kwargs(x_in, c_noise_to, cond)
+        if self.trig_time is not None:  # TrigFlow t -> EDM c_noise = log(sigma) / 4 with sigma = sd tan(t)
+            c_noise = (torch.log(self.trig_time["sigma_data"] * torch.tan(c_noise.double())) / 4).to(c_noise.dtype)
+        out = self.unet(x_in, self.timestep_scale * c_noise, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out
+        return out if self.trig_time is None else self.trig_time["sign"] * out
 
 
 def clean_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -129,5 +141,6 @@ def build_backbone(spec: dict[str, Any], data_shape: tuple[int, ...], two_levels
         if model not in UNET_MODELS:
             raise ConfigError(f"unknown unet backbone model {model!r}; valid: {', '.join(UNET_MODELS)}")
         unet = getattr(diffusers, model).from_config(copy.deepcopy(dict(spec["unet"])))
-        return UNetBackbone(unet, spec["timestep_scale"], two_levels=two_levels, null_class=spec.get("null_class"))
+        return UNetBackbone(unet, spec["timestep_scale"], two_levels=two_levels, null_class=spec.get("null_class"),
+                            trig_time=spec.get("trig_time"))
     raise ConfigError(f"student backbone must be a dict with type 'mlp' or 'unet', got {spec!r}")

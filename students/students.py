@@ -151,8 +151,10 @@ class ConsistencyStudent(_Student):
 class TrigFlowStudent(_Student):
     """sCM's TrigFlow consistency function (Lu & Song 2024, arXiv:2410.11081, §3) in VE units:
     ``f = cos^2(t) x - sd sin(t) F(cos(t) x / sd, t)``, ``t = arctan(s / sd)``
-    (:func:`distill.core.precond.trigflow_scalings`). The boundary ``f(x, 0) = x`` holds at ``sigma = 0``; built with
-    ``init="fresh"`` (an EDM teacher's network expects another time input and output sign).
+    (:func:`distill.core.precond.trigflow_scalings`). The boundary ``f(x, 0) = x`` holds at ``sigma = 0``. A copy of
+    an EDM-family teacher (``init="teacher"``) keeps the teacher's UNet and maps TrigFlow time to its EDM time input
+    and output sign in the backbone (``trig_time``), so at init it is the teacher's denoiser; other families need
+    ``init="fresh"``.
     """
 
     kind = "trigflow"
@@ -205,6 +207,16 @@ def _teacher_specs(teacher: Teacher, kind: str) -> tuple[dict[str, Any], dict[st
     backbone = {"type": "unet", "model": type(teacher.net).__name__, "unet": unet,
                 "timestep_scale": float(teacher.timestep_scale), "null_class": teacher.null_class}
     precond: dict[str, Any] = {"family": teacher.family, "prediction_type": teacher.prediction_type}
+    if kind == "trigflow":
+        # TrigFlow's D = cos^2(t) x - sd sin(t) F(cos(t) x / sd, t) has EDM's c_skip and c_in and c_out = -(EDM's
+        # epsilon-prediction c_out) (distill.core.precond.trigflow_scalings), so F = -F_edm(x_in, log(sd tan t) / 4)
+        # (v_prediction EDM networks already carry the minus sign): at init the student is the teacher's denoiser.
+        if teacher.family != "edm":
+            raise ConfigError(f"student 'trigflow' with init: teacher needs an EDM-family teacher network, got a "
+                              f"{teacher.family} one; use init: fresh")
+        backbone["trig_time"] = {"sigma_data": float(teacher.info.sigma_data),
+                                 "sign": -1.0 if teacher.prediction_type == "epsilon" else 1.0}
+        precond = {"family": "trigflow"}
     if teacher.family == "vp":
         precond["scheduler"] = copy.deepcopy(dict(teacher.scheduler_config))
     return backbone, precond
@@ -246,7 +258,7 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
     if not _has_network(teacher):
         raise ConfigError(f"student init: teacher copies the teacher's network, but {type(teacher).__name__} has no "
                           "network to copy; use init: fresh")
-    if cls.family is not None and cls.family != teacher.family:
+    if cls.family is not None and cls.family != teacher.family and name != "trigflow":
         raise ConfigError(f"student {name!r} has its own parameterisation ({cls.family}); a {teacher.family} "
                           "teacher's network is not a copy of it; use init: fresh")
     backbone, precond = _teacher_specs(teacher, name)
