@@ -1,7 +1,8 @@
 """Training cost of each distillation loss on the shipped digits teacher: wall-clock per generator (student) update in
 teacher-forward equivalents, network forward calls per update, and the peak memory of training.
 
-For each method (``configs/digits_<method>.yaml``: cd, dmd2, dmd2_gan, sid, sim, fdistill) a fresh subprocess
+For each method (``configs/digits_<method>.yaml``: cd, dmd2, dmd2_gan, sid, sim, fdistill, kd, reflow, pd, tdm, ct,
+scm, meanflow, ayf; ``<method>_fd``: the JVP losses with ``loss.jvp=finite_difference``) a fresh subprocess
 (``--one METHOD``) builds the module as ``distill train`` does (``distill.train.build_module``, ``prepare``,
 ``configure_optimizers``; batch size from the config, 128), with any warm start switched off
 (``loss.regression_steps=0 loss.fake_warmup=0`` where the loss takes them) so the steady-state schedule is timed, and
@@ -59,13 +60,20 @@ from torch import nn  # noqa: E402
 
 from distill.records import peak_rss_mb  # noqa: E402
 
-METHODS = ("cd", "dmd2", "dmd2_gan", "sid", "sim", "fdistill")
+#: variants: ``name -> (config method, extra overrides)`` (the JVP losses with the finite-difference fallback)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "scm_fd": ("scm", ["loss.jvp=finite_difference"]),
+    "meanflow_fd": ("meanflow", ["loss.jvp=finite_difference"]),
+    "ayf_fd": ("ayf", ["loss.jvp=finite_difference"]),
+}
+METHODS = ("cd", "dmd2", "dmd2_gan", "sid", "sim", "fdistill", "kd", "reflow", "pd", "tdm", "ct", "scm", "meanflow",
+           "ayf", *VARIANTS)
 WARM_START_KEYS = ("regression_steps", "fake_warmup")
 SCHEDULE_SPAN = 1200  # iterations over which the schedule is counted (a multiple of every TTUR ratio up to 6, 8, 10)
 
 
 def config_path(method: str) -> Path:
-    return ROOT / "configs" / f"digits_{method}.yaml"
+    return ROOT / "configs" / f"digits_{VARIANTS.get(method, (method,))[0]}.yaml"
 
 
 def make_cfg(method: str, out: str):
@@ -76,7 +84,7 @@ def make_cfg(method: str, out: str):
 
     path = config_path(method)
     ov = ["eval.every=0", "trainer.grid_every=0", "trainer.ckpt_every=0", f"out_dir={out}/run",
-          "trainer.progress_bar=false"]
+          "trainer.progress_bar=false", *VARIANTS.get(method, (method, []))[1]]
     cfg = load_config(path, ov)
     params = inspect.signature(LOSSES.get(cfg.loss.name)).parameters
     warm = [f"loss.{k}=0" for k in WARM_START_KEYS if k in params]
