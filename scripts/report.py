@@ -212,7 +212,8 @@ def results(root: Path) -> str:
     """The README's headline table: each suite's students at 1/2/4 NFE next to the teacher's Heun-35."""
     lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
     notes = []
-    for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "ring", "ring_score", "ring_traj"):
+    for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont", "ring",
+                 "ring_score", "ring_traj", "ring_cont"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
@@ -340,6 +341,72 @@ def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _digits_traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 11's digits bar: TDM's 4-NFE FID within 1.5x the teacher's Heun-35."""
+    if not rec:
+        return []
+    students, teachers = _cells(rec)
+    ref = _teacher_ref(teachers)
+    out = []
+    for cfg, s in students.items():
+        c = s["cells"]
+        if "tdm" in cfg and 4 in c and ref:
+            out.append(f"| {name} {cfg}: 4-NFE FID within 1.5x the teacher's Heun-35 ({s['iterations']} it, "
+                       f"{s['label'] or 'FID'}) | {c[4][0]:.4g} vs {ref[0]:.4g} ({c[4][0] / ref[0]:.2f}x) | "
+                       f"{'yes' if c[4][0] <= 1.5 * ref[0] else 'no'} |")
+    return out
+
+
+#: a public peer's rows on this ring (issue 12): sliced W1 at (1, 2) NFE
+PEER_CONSISTENCY = {"sCT": (0.164, 0.068), "ECT": (0.251, 0.155)}
+#: which peer row each issue-12 family is held to
+PEER_OF = {"ct": "ECT", "scm": "sCT", "meanflow": "sCT", "ayf": "sCT"}
+
+
+def _cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 12's ring bars: each family below the peer's row for its family at 1 and 2 NFE; sCD's and MeanFlow's
+    1-NFE SW1 within 1.5x the teacher's Heun-35 with every mode within 0.025 of its weight; 2 NFE better than 1."""
+    if not rec:
+        return []
+    students, teachers = _cells(rec)
+    ref = _teacher_ref(teachers)
+    out = []
+    for cfg, s in students.items():
+        c = s["cells"]
+        family = next((f for f in PEER_OF if cfg.endswith(f"_{f}")), None)
+        if family is None or 1 not in c or 2 not in c:
+            continue
+        peer = PEER_CONSISTENCY[PEER_OF[family]]
+        ok = c[1][0] < peer[0] and c[2][0] < peer[1]
+        out.append(f"| {name} {cfg}: below the peer's {PEER_OF[family]} row at 1 / 2 NFE ({peer[0]} / {peer[1]}) | "
+                   f"{c[1][0]:.4g} / {c[2][0]:.4g} | {'yes' if ok else 'no'} |")
+        if family in ("scm", "meanflow") and ref:
+            errs = [row["record"].get("mass_error", float("nan")) for run in rec["runs"][cfg] for row in run["eval"]
+                    if row["model"] != "teacher" and row["nfe"] == 1]
+            ok = c[1][0] <= 1.5 * ref[0] and errs and max(errs) <= 0.025
+            out.append(f"| {name} {cfg}: 1-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 "
+                       f"(worst seed) | {c[1][0]:.4g} vs {ref[0]:.4g} ({c[1][0] / ref[0]:.2f}x), {max(errs):.3f} | "
+                       f"{'yes' if ok else 'no'} |")
+            out.append(f"| {name} {cfg}: 2-NFE better than 1-NFE | {c[2][0]:.4g} vs {c[1][0]:.4g} | "
+                       f"{'yes' if c[2][0] < c[1][0] else 'no'} |")
+    return out
+
+
+def _digits_cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 12's digits bar: at least one row's 2-NFE FID at the teacher's Heun-35 within its seed spread."""
+    if not rec:
+        return []
+    students, teachers = _cells(rec)
+    ref = _teacher_ref(teachers)
+    rows = [(cfg, s["cells"][2]) for cfg, s in students.items() if 2 in s["cells"]]
+    if not rows or not ref:
+        return []
+    cfg, (m, sd, *_) = min(rows, key=lambda r: r[1][0])
+    ok = m - sd <= ref[0] + ref[1]
+    return [f"| {name}: best 2-NFE FID at the teacher's Heun-35 within the seed spread ({cfg}) | "
+            f"{fmt(m, sd)} vs {fmt(*ref)} | {'yes' if ok else 'no'} |"]
+
+
 def bars(root: Path) -> str:
     """The bars of docs/benchmarks.md checked against the records (met / not met, with the numbers)."""
     out = ["| bar | measured | met |", "|---|---|---|"]
@@ -362,6 +429,9 @@ def bars(root: Path) -> str:
                 out.append(f"| digits {cfg}: 1-NFE within 1.5x the teacher (next bar) | {c[1][0] / ref[0]:.2f}x | "
                            f"{'yes' if c[1][0] <= 1.5 * ref[0] else 'no'} |")
     out += _traj_bars("ring_traj", _load(BENCH / "ring_traj.json", root))
+    out += _digits_traj_bars("digits_traj", _load(BENCH / "digits_traj.json", root))
+    out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
+    out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
@@ -528,6 +598,14 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-grid_traj": suite("grid_traj"),
     "suite-digits_traj": suite("digits_traj"),
     "curve-digits_long": curve("digits_long"),
+    "curve-digits_traj": curve("digits_traj"),
+    "suite-ring_cont": suite("ring_cont"),
+    "modes-ring_cont": modes("ring_cont"),
+    "suite-ring_jvp": suite("ring_jvp"),
+    "suite-grid_cont": suite("grid_cont"),
+    "suite-digits_cont": suite("digits_cont"),
+    "curve-digits_cont": curve("digits_cont"),
+    "cost-cont": cost_block("cost_cont.json"),
 }
 
 
