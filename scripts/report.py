@@ -315,6 +315,18 @@ def data_cost(name: str) -> Callable[[Path], str]:
 PEER_REFLOW_SW1 = 0.114  # a public peer's reflow + distill, 1 NFE on this ring (issue 11)
 
 
+def _within_with_modes(name: str, cfg: str, rec: dict[str, Any], cells: dict[int, Any], ref: tuple[float, float],
+                       nfe: int) -> str:
+    """The bar line "``nfe``-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 of its weight (worst
+    training and sampling seed)" of row ``cfg``."""
+    errs = [row["record"].get("mass_error", float("nan")) for run in rec["runs"][cfg] for row in run["eval"]
+            if row["model"] != "teacher" and row["nfe"] == nfe]
+    ok = cells[nfe][0] <= 1.5 * ref[0] and errs and max(errs) <= 0.025
+    return (f"| {name} {cfg}: {nfe}-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 (worst seed) | "
+            f"{cells[nfe][0]:.4g} vs {ref[0]:.4g} ({cells[nfe][0] / ref[0]:.2f}x), {max(errs):.3f} | "
+            f"{'yes' if ok else 'no'} |")
+
+
 def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     """Issue 11's ring bars: every recipe's 1-NFE SW1 below the peer's reflow row; TDM's and PD's 4-NFE students
     within 1.5x the teacher's Heun-35 with every mode within 0.025 of its weight; the 3-RF's 2 NFE not worse than 1."""
@@ -329,12 +341,7 @@ def _traj_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
             out.append(f"| {name} {cfg}: 1-NFE SW1 below the peer's reflow row ({PEER_REFLOW_SW1}) | {c[1][0]:.4g} | "
                        f"{'yes' if c[1][0] < PEER_REFLOW_SW1 else 'no'} |")
         if ("tdm" in cfg or cfg.endswith("pd4")) and 4 in c and ref:
-            errs = [row["record"].get("mass_error", float("nan")) for run in rec["runs"][cfg] for row in run["eval"]
-                    if row["model"] != "teacher" and row["nfe"] == 4]
-            ok = c[4][0] <= 1.5 * ref[0] and errs and max(errs) <= 0.025
-            out.append(f"| {name} {cfg}: 4-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 "
-                       f"(worst seed) | {c[4][0]:.4g} vs {ref[0]:.4g} ({c[4][0] / ref[0]:.2f}x), "
-                       f"{max(errs):.3f} | {'yes' if ok else 'no'} |")
+            out.append(_within_with_modes(name, cfg, rec, c, ref, 4))
         if cfg.endswith("reflow3") and 1 in c and 2 in c:  # the k-RF flow itself (ring_reflow is its 1-step student)
             out.append(f"| {name} {cfg}: 2-NFE not worse than 1-NFE | {c[2][0]:.4g} vs {c[1][0]:.4g} | "
                        f"{'yes' if c[2][0] <= c[1][0] else 'no'} |")
@@ -381,12 +388,7 @@ def _cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
         out.append(f"| {name} {cfg}: below the peer's {PEER_OF[family]} row at 1 / 2 NFE ({peer[0]} / {peer[1]}) | "
                    f"{c[1][0]:.4g} / {c[2][0]:.4g} | {'yes' if ok else 'no'} |")
         if family in ("scm", "meanflow") and ref:
-            errs = [row["record"].get("mass_error", float("nan")) for run in rec["runs"][cfg] for row in run["eval"]
-                    if row["model"] != "teacher" and row["nfe"] == 1]
-            ok = c[1][0] <= 1.5 * ref[0] and errs and max(errs) <= 0.025
-            out.append(f"| {name} {cfg}: 1-NFE SW1 within 1.5x the teacher's Heun-35, every mode within 0.025 "
-                       f"(worst seed) | {c[1][0]:.4g} vs {ref[0]:.4g} ({c[1][0] / ref[0]:.2f}x), {max(errs):.3f} | "
-                       f"{'yes' if ok else 'no'} |")
+            out.append(_within_with_modes(name, cfg, rec, c, ref, 1))
             out.append(f"| {name} {cfg}: 2-NFE better than 1-NFE | {c[2][0]:.4g} vs {c[1][0]:.4g} | "
                        f"{'yes' if c[2][0] < c[1][0] else 'no'} |")
     return out
