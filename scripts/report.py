@@ -394,6 +394,21 @@ def _cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _no_nan_bar(name: str, rec: dict[str, Any] | None) -> list[str]:
+    """Issue 12's "no NaN in any shipped config's run": the NaN guard's skipped steps, summed over the suite's runs."""
+    if not rec:
+        return []
+    per = {cfg: sum(_skipped(r) for r in runs) for cfg, runs in rec["runs"].items()}
+    total = sum(per.values())
+    detail = ", ".join(f"{cfg} {n}" for cfg, n in per.items())
+    return [f"| {name}: no step skipped by the NaN guard in any run | {total} ({detail}) | {'yes' if total == 0 else 'no'} |"]
+
+
+def _skipped(run: dict[str, Any]) -> int:
+    s = run.get("skipped_steps", 0)
+    return int(sum(s.values()) if isinstance(s, dict) else s)
+
+
 def _digits_cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
     """Issue 12's digits bar: at least one row's 2-NFE FID at the teacher's Heun-35 within its seed spread."""
     if not rec:
@@ -434,6 +449,8 @@ def bars(root: Path) -> str:
     out += _digits_traj_bars("digits_traj", _load(BENCH / "digits_traj.json", root))
     out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
     out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
+    for suite_name in ("ring_cont", "ring_jvp", "digits_cont"):
+        out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
