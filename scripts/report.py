@@ -401,7 +401,8 @@ def _no_nan_bar(name: str, rec: dict[str, Any] | None) -> list[str]:
     per = {cfg: sum(_skipped(r) for r in runs) for cfg, runs in rec["runs"].items()}
     total = sum(per.values())
     detail = ", ".join(f"{cfg} {n}" for cfg, n in per.items())
-    return [f"| {name}: no step skipped by the NaN guard in any run | {total} ({detail}) | {'yes' if total == 0 else 'no'} |"]
+    return [f"| {name}: no step skipped by the NaN guard in any run | {total} ({detail}) | "
+            f"{'yes' if total == 0 else 'no'} |"]
 
 
 def _skipped(run: dict[str, Any]) -> int:
