@@ -626,6 +626,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "cost-ring_traj": data_cost("ring_traj"),
     "suite-grid_traj": suite("grid_traj"),
     "suite-digits_traj": suite("digits_traj"),
+    "cost-digits_traj": data_cost("digits_traj"),
     "curve-digits_long": curve("digits_long"),
     "curve-digits_traj": curve("digits_traj"),
     "suite-ring_cont": suite("ring_cont"),
