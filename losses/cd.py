@@ -16,7 +16,6 @@ grid in the project), and ``n`` is drawn uniformly in ``{0, ..., N-2}``: the stu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +30,9 @@ from distill.core.schedules import karras_sigmas
 
 from . import register_loss
 from .base import Batch, DataSpec, DistillLoss, StepContext
+from .parts.functional import ict_huber_c, pseudo_huber
 
-__all__ = ["ConsistencyDistillation", "pseudo_huber", "squared_l2", "icm_weight", "karras_subgrid"]
+__all__ = ["ConsistencyDistillation", "squared_l2", "icm_weight", "karras_subgrid"]
 
 SOLVERS: dict[str, Callable[..., Tensor]] = {"heun": heun_step, "euler": euler_step}
 DISTANCES = ("l2", "pseudo_huber")
@@ -54,14 +54,6 @@ def squared_l2(a: Tensor, b: Tensor) -> Tensor:
     Args: ``a, b: [B, ...]``. Returns ``[B]``.
     """
     return (a - b).pow(2).flatten(1).mean(1)
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """Pseudo-Huber distance ``sqrt(||a - b||^2 + c^2) - c`` (iCT, arXiv:2310.14189 §3.3, full squared norm).
-
-    Args: ``a, b: [B, ...]``, ``c > 0``. Returns ``[B]``.
-    """
-    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
 
 
 def icm_weight(sigma_hi: Tensor, sigma_lo: Tensor) -> Tensor:
@@ -253,7 +245,7 @@ class ConsistencyDistillation(DistillLoss):
         """Per-sample ``d(pred, target)``, ``[B]``."""
         if self.distance == "l2":
             return squared_l2(pred, target)
-        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(pred[0].numel())
+        c = self.huber_c if self.huber_c is not None else ict_huber_c(pred[0].numel())
         return pseudo_huber(pred, target, c)
 
     # -- one phase -------------------------------------------------------------------------------------------

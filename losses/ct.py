@@ -69,10 +69,10 @@ from students.sampling import SamplingPlan
 
 from . import register_loss
 from .base import Batch, DistillLoss, StepContext
+from .parts.functional import ict_huber_c, pseudo_huber
 from .parts.jvp import same_randomness
 
-__all__ = ["ConsistencyTraining", "ect_r", "ect_stage", "ict_num_levels", "ict_sigmas", "ict_index_probs",
-           "pseudo_huber", "huber_c_auto", "MODES"]
+__all__ = ["ConsistencyTraining", "ect_r", "ect_stage", "ict_num_levels", "ict_sigmas", "ict_index_probs", "MODES"]
 
 MODES = ("ict", "ect")
 
@@ -80,20 +80,6 @@ MODES = ("ict", "ect")
 # ---------------------------------------------------------------------------------------------------------------
 # Pure functions
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def huber_c_auto(dim: int) -> float:
-    """iCT's pseudo-Huber ``c = 0.00054 sqrt(dim)`` (arXiv:2310.14189 §3.3; 0.03 for CIFAR-10's 3072 dims)."""
-    return 0.00054 * math.sqrt(dim)
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """``sqrt(|a - b|^2 + c^2) - c`` per sample, full squared norm; ``c = 0`` is the L2 norm ``|a - b|`` (with a
-    zero gradient at ``a = b``). Args: ``a, b: [B, ...]``, ``c >= 0``. Returns ``[B]``."""
-    sq = (a - b).pow(2).flatten(1).sum(1)
-    if c == 0:
-        return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
-    return (sq + c * c).sqrt() - c
 
 
 def ict_num_levels(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
@@ -232,7 +218,7 @@ class ConsistencyTraining(DistillLoss):
 
     # -- pieces of one step ----------------------------------------------------------------------------------
     def huber_c(self, dim: int) -> float:
-        return huber_c_auto(dim) if self.huber_c_cfg == "auto" else float(self.huber_c_cfg)
+        return ict_huber_c(dim) if self.huber_c_cfg == "auto" else float(self.huber_c_cfg)
 
     def _check_setup(self) -> None:
         if self.sigma_min is None:

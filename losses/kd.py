@@ -44,7 +44,7 @@ from students.sampling import SamplingPlan, sample_student
 
 from . import register_loss
 from .base import Batch, DataSpec, DistillLoss, StepContext
-from .parts.functional import mean_dims
+from .parts.functional import ict_huber_c, mean_dims, pseudo_huber
 from .parts.regression import pairs_spec
 
 __all__ = ["KD", "kd_distance", "digits_features", "DISTANCES"]
@@ -60,7 +60,7 @@ def kd_distance(a: Tensor, b: Tensor, distance: str, c: float = 0.0, features: C
     if distance == "l2":
         return mean_dims((a - b) ** 2)
     if distance == "pseudo_huber":
-        return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+        return pseudo_huber(a, b, c)
     if distance == "features":
         return mean_dims((features(a) - features(b)) ** 2)
     raise ValueError(f"kd: unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
@@ -156,7 +156,7 @@ class KD(DistillLoss):
             raise ConfigError(f"kd: floor ({self.floor}) must lie below the input level ({first}) for steps > 1")
         self._sigmas = self.sampling().sigmas(self.steps, float(student.sigma_max))
         dim = math.prod(teacher.data_shape)
-        self._c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(dim)
+        self._c = self.huber_c if self.huber_c is not None else ict_huber_c(dim)
         if self.distance == "features":
             if tuple(teacher.data_shape) != DIGITS_SHAPE:
                 raise ConfigError(f"kd: distance 'features' uses the digits classifier and needs an 8x8 digits "

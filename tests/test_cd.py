@@ -11,7 +11,8 @@ from _helpers import batch, ctx
 
 from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
-from losses.cd import icm_weight, karras_subgrid, pseudo_huber, squared_l2
+from losses.cd import icm_weight, karras_subgrid, squared_l2
+from losses.parts.functional import pseudo_huber
 from students import FlowMapStudent, build_student
 from teachers import GaussianMixtureTeacher, ring
 

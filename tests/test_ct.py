@@ -25,7 +25,8 @@ from torch import nn
 
 from distill.core.registry import ConfigError
 from losses import LOSSES, build_loss
-from losses.ct import ect_r, ect_stage, huber_c_auto, ict_index_probs, ict_num_levels, ict_sigmas, pseudo_huber
+from losses.ct import ect_r, ect_stage, ict_index_probs, ict_num_levels, ict_sigmas
+from losses.parts.functional import ict_huber_c, pseudo_huber
 from students import FlowMapStudent, build_student
 from teachers import GaussianMixtureTeacher, ring
 
@@ -212,7 +213,7 @@ def test_pseudo_huber_and_c():
     a, b = torch.tensor([[3.0, 0.0]], dtype=torch.float64), torch.tensor([[0.0, 4.0]], dtype=torch.float64)
     torch.testing.assert_close(pseudo_huber(a, b, 1.0), torch.tensor([math.sqrt(26.0) - 1.0], dtype=torch.float64))
     torch.testing.assert_close(pseudo_huber(a, b, 0.0), torch.tensor([5.0], dtype=torch.float64))
-    assert huber_c_auto(3072) == pytest.approx(0.0299, abs=1e-4)  # iCT's CIFAR-10 value
+    assert ict_huber_c(3072) == pytest.approx(0.0299, abs=1e-4)  # iCT's CIFAR-10 value
     # c = 0 at a zero residual: value 0 and a zero (not NaN) gradient
     p = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     pseudo_huber(p, torch.zeros(1, 2, dtype=torch.float64), 0.0).sum().backward()
