@@ -86,9 +86,9 @@ from students.sampling import SamplingPlan
 
 from . import register_loss
 from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
-from .parts.jvp import check_jvp_method, jvp, same_randomness
+from .parts.jvp import check_jvp_method, jvp, normalize_tangent, same_randomness, tangent_rms, tangent_warmup
 
-__all__ = ["AlignYourFlow", "warmup_factor", "normalise_tangent", "eulerian_tangent", "lagrangian_tangent",
+__all__ = ["AlignYourFlow", "eulerian_tangent", "lagrangian_tangent",
            "rf_uniform_levels", "OBJECTIVES", "UNITS", "WEIGHTINGS", "LEVEL_GRIDS"]
 
 OBJECTIVES = ("eulerian", "lagrangian")
@@ -104,25 +104,6 @@ MIN_RF_GAP = 1e-4
 # ---------------------------------------------------------------------------------------------------------------
 # Pure functions
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def warmup_factor(iteration: int, warmup: int, r_max: float = 1.0) -> float:
-    """Tangent warm-up ``r = min(r_max, k / H)`` (sCM arXiv:2410.11081 §4; AYF §3.4 with ``r_max = 0.99``);
-    ``H = 0`` means no warm-up (``r = r_max``)."""
-    if warmup <= 0:
-        return float(r_max)
-    return float(min(r_max, iteration / warmup))
-
-
-def _rms(x: Tensor) -> Tensor:
-    """Per-sample size-invariant norm ``||x||_2 / sqrt(numel)``: ``[B, ...] -> [B]``."""
-    return x.flatten(1).pow(2).mean(1).sqrt()
-
-
-def normalise_tangent(g: Tensor, c: float) -> tuple[Tensor, Tensor]:
-    """``(g / (||g|| + c), ||g||)`` per sample, ``||.||`` = :func:`_rms` (so the result has norm ``< 1``)."""
-    n = _rms(g)
-    return g / append_dims(n + c, g.ndim), n
 
 
 def eulerian_tangent(x: Tensor, d: Tensor, dd: Tensor, v: Tensor, a: Tensor, b: Tensor, r: float,
@@ -329,7 +310,7 @@ class AlignYourFlow(DistillLoss):
                 v_end = self.teacher_velocity(teacher, end, b, cond)
                 raw = lagrangian_tangent(x, d, dd, v_end, a, b, r, self.units)
                 sign = -1.0
-            g, _ = normalise_tangent(raw, self.norm_c)
+            g, _ = normalize_tangent(raw, self.norm_c)
         return raw, sign * g
 
     def weight(self, a: Tensor, b: Tensor) -> Tensor:
@@ -352,7 +333,7 @@ class AlignYourFlow(DistillLoss):
         eps = batch.randn_like(x0)
         x = x0 + append_dims(a, x0.ndim) * eps
         seed = int(batch.randint(2**31, 1)[0])  # one dropout stream for the JVP and the gradient pass
-        r = warmup_factor(ctx.iteration, self.warmup, self.warmup_max)
+        r = tangent_warmup(ctx.iteration, self.warmup, self.warmup_max)
         with same_randomness(seed):
             raw, g = self.tangent(student, teacher, x, a, b, r, cond)
         with same_randomness(seed):
@@ -363,7 +344,7 @@ class AlignYourFlow(DistillLoss):
         w = torch.where(bad, torch.zeros_like(w), w)
         per_sample = 0.5 * (j - (j - g).detach()).pow(2).flatten(1).mean(1)
         loss = (w.detach() * per_sample).mean()
-        norm = _rms(raw)
+        norm = tangent_rms(raw)
         return {
             "loss": loss,
             "tangent_norm": norm[~bad].mean().detach() if (~bad).any() else norm.new_zeros(()),

@@ -56,10 +56,9 @@ from students.sampling import SamplingPlan
 
 from . import register_loss
 from .base import Batch, DistillLoss, StepContext
-from .parts.jvp import JVP_METHODS, jvp, same_randomness
+from .parts.jvp import JVP_METHODS, jvp, normalize_tangent, same_randomness, tangent_rms, tangent_warmup
 
-__all__ = ["SCM", "AdaptiveWeight", "warmup_ratio", "teacher_velocity", "sct_velocity", "tangent_g",
-           "normalize_tangent", "MODES", "PRIOR_WEIGHTS"]
+__all__ = ["SCM", "AdaptiveWeight", "teacher_velocity", "sct_velocity", "tangent_g", "MODES", "PRIOR_WEIGHTS"]
 
 MODES = ("sct", "scd")
 PRIOR_WEIGHTS = ("none", "inv_sigma")
@@ -72,11 +71,6 @@ T_LEVELS = {4: (1.1, 0.75, 0.45), 8: (1.3, 1.1, 0.9, 0.75, 0.6, 0.45, 0.3)}
 # ---------------------------------------------------------------------------------------------------------------
 # Pure functions (the closed-form tests call these)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def warmup_ratio(iteration: int, warmup_iters: int) -> float:
-    """Tangent warm-up ``r = min(1, k / H)`` (arXiv:2410.11081 §4.1); ``H = 0`` gives 1 from the start."""
-    return 1.0 if warmup_iters <= 0 else min(1.0, max(0, iteration) / warmup_iters)
 
 
 def sct_velocity(x0: Tensor, z: Tensor, t: Tensor) -> Tensor:
@@ -114,13 +108,6 @@ def tangent_g(raw, x_t: Tensor, t: Tensor, dxdt: Tensor, sigma_data: float, r: f
     c2 = append_dims(cos**2, x_t.ndim)
     g = -c2 * (sigma_data * f_minus - dxdt) - r * (append_dims(cs, x_t.ndim) * x_t + sigma_data * cs_dfdt)
     return f_minus, g
-
-
-def normalize_tangent(g: Tensor, c: float = 0.1) -> tuple[Tensor, Tensor]:
-    """``(g / (||g|| + c), ||g||)`` with the size-invariant per-sample norm ``||g||_2 / sqrt(numel)`` (FastGen's
-    departure from the paper's plain norm; arXiv:2410.11081 §4.2). Returns ``[B, ...]`` and ``[B]``."""
-    norm = g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel())
-    return g / append_dims(norm + c, g.ndim), norm
 
 
 class AdaptiveWeight(nn.Module):
@@ -247,7 +234,7 @@ class SCM(DistillLoss):
         seed = int(batch.randint(2**31, 1)[0, 0])  # one dropout stream for both passes of F
         cos, sin = append_dims(torch.cos(t), x0.ndim), append_dims(torch.sin(t), x0.ndim)
         x_t = cos * x0 + sin * z
-        r = warmup_ratio(ctx.iteration, self.warmup_iters)
+        r = tangent_warmup(ctx.iteration, self.warmup_iters)
         raw = student.raw_fn(cond)
 
         def f_raw(x_in: Tensor, t_in: Tensor) -> Tensor:
@@ -263,7 +250,7 @@ class SCM(DistillLoss):
             if self.tangent_c is not None:
                 g, g_norm = normalize_tangent(g_raw, self.tangent_c)
             else:
-                g, g_norm = g_raw, g_raw.flatten(1).norm(dim=1) / math.sqrt(g_raw[0].numel())
+                g, g_norm = g_raw, tangent_rms(g_raw)
         f_theta = f_raw(x_t / sd, t)
         return {"t": t, "x_t": x_t, "dxdt": dxdt, "F_theta": f_theta, "F_minus": f_minus, "g_raw": g_raw, "g": g,
                 "g_norm": g_norm, "r": torch.tensor(r)}

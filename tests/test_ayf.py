@@ -23,7 +23,8 @@ from torch import nn
 
 from distill.core.registry import ConfigError
 from losses import build_loss
-from losses.ayf import normalise_tangent, rf_uniform_levels, warmup_factor
+from losses.ayf import rf_uniform_levels
+from losses.parts.jvp import normalize_tangent, tangent_warmup
 from students import FlowMapStudent
 from teachers import GaussianMixtureTeacher
 
@@ -198,21 +199,21 @@ def test_rf_units_equal_the_papers_rectified_flow_tangents(r):
 
 def test_normalised_tangent_has_norm_below_one():
     g = torch.randn(16, 3, 4, 4, dtype=DT) * torch.logspace(-3, 3, 16, dtype=DT)[:, None, None, None]
-    out, n = normalise_tangent(g, 0.1)
+    out, n = normalize_tangent(g, 0.1)
     rms = out.flatten(1).pow(2).mean(1).sqrt()
     torch.testing.assert_close(n, g.flatten(1).pow(2).mean(1).sqrt())
     torch.testing.assert_close(rms, n / (n + 0.1))
     assert torch.all(rms < 1)
     # size invariance: the same per-element tangent on a 4x larger image normalises to the same values
-    big, _ = normalise_tangent(g.repeat(1, 1, 2, 2), 0.1)
+    big, _ = normalize_tangent(g.repeat(1, 1, 2, 2), 0.1)
     torch.testing.assert_close(big[..., :4, :4], out)
 
 
 def test_warmup_ramps_from_zero_to_r_max():
-    rs = [warmup_factor(k, 100, 1.0) for k in range(0, 151, 10)]
+    rs = [tangent_warmup(k, 100, 1.0) for k in range(0, 151, 10)]
     assert rs[0] == 0.0 and rs[5] == pytest.approx(0.5) and rs[10] == 1.0 and rs[-1] == 1.0
     assert all(x <= y for x, y in zip(rs, rs[1:]))
-    assert warmup_factor(10_000, 100, 0.99) == 0.99 and warmup_factor(5, 0, 0.99) == 0.99
+    assert tangent_warmup(10_000, 100, 0.99) == 0.99 and tangent_warmup(5, 0, 0.99) == 0.99
     # forward() logs it from ctx.iteration
     loss = build_loss("ayf", warmup=10, warmup_max=1.0)
     st, te = PowerFlowMap(), teacher()

@@ -15,7 +15,8 @@ from torch import nn
 from distill.core.precond import trigflow_scalings
 from distill.core.registry import ConfigError
 from losses import build_loss
-from losses.scm import normalize_tangent, sct_velocity, tangent_g, teacher_velocity, warmup_ratio
+from losses.parts.jvp import normalize_tangent, tangent_warmup
+from losses.scm import sct_velocity, tangent_g, teacher_velocity
 from students import FlowMapStudent, build_student
 from students.nets import sinusoidal_embedding
 from teachers import GaussianMixtureTeacher, ring
@@ -215,10 +216,10 @@ def test_normalised_tangent_has_rms_norm_below_one():
 
 def test_warmup_ramps_zero_to_one():
     h = 40
-    r = [warmup_ratio(k, h) for k in range(2 * h)]
+    r = [tangent_warmup(k, h) for k in range(2 * h)]
     assert r[0] == 0.0 and r[h // 2] == 0.5 and all(v == 1.0 for v in r[h:])
     assert all(b > a for a, b in zip(r[:h], r[1:h + 1]))
-    assert warmup_ratio(0, 0) == 1.0
+    assert tangent_warmup(0, 0) == 1.0
     student = small_student(torch.float32)
     loss = setup_loss(student, ring(), mode="scd", warmup_iters=h)
     data = ring().sample(16).float()

@@ -15,19 +15,25 @@ Two methods, chosen by the loss's ``jvp`` option:
 Both run under whatever grad mode the caller set; the losses call them on no-grad copies under ``torch.no_grad()``.
 Randomness inside ``fn`` (dropout) is the caller's business: fork the RNG so every pass sees the same mask
 (:func:`same_randomness`).
+
+The tangent's warm-up and normalisation of sCM (arXiv:2410.11081 §4.1-4.2), which Align Your Flow reuses, live here
+too: :func:`tangent_warmup` and :func:`normalize_tangent` (FastGen's size-invariant norm, :func:`tangent_rms`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 
-__all__ = ["JVP_METHODS", "check_jvp_method", "jvp", "same_randomness"]
+__all__ = ["JVP_METHODS", "check_jvp_method", "jvp", "same_randomness", "tangent_warmup", "tangent_rms",
+           "normalize_tangent"]
 
 JVP_METHODS = ("autograd", "finite_difference")
 
@@ -71,3 +77,24 @@ def same_randomness(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
         yield
+
+
+def tangent_warmup(iteration: int, warmup: int, r_max: float = 1.0) -> float:
+    """Tangent warm-up ``r = min(r_max, k / H)`` (sCM arXiv:2410.11081 §4.1 with ``r_max = 1``; Align Your Flow
+    arXiv:2506.14603 caps it at 0.99); ``H = warmup <= 0`` means no warm-up (``r = r_max``)."""
+    if warmup <= 0:
+        return float(r_max)
+    return float(min(r_max, max(0, iteration) / warmup))
+
+
+def tangent_rms(g: Tensor) -> Tensor:
+    """Per-sample size-invariant norm ``||g||_2 / sqrt(numel)`` (a root-mean-square): ``[B, ...] -> [B]``."""
+    return g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel())
+
+
+def normalize_tangent(g: Tensor, c: float = 0.1) -> tuple[Tensor, Tensor]:
+    """sCM's tangent normalisation ``(g / (||g|| + c), ||g||)`` with ``||.||`` = :func:`tangent_rms` (FastGen's
+    departure from the paper's plain norm, which would make ``c`` negligible for images and dominant for 2-D data).
+    The result's norm is below 1. Returns ``[B, ...]`` and ``[B]``."""
+    norm = tangent_rms(g)
+    return g / append_dims(norm + c, g.ndim), norm
