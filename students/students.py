@@ -207,7 +207,7 @@ def _teacher_specs(teacher: Teacher, kind: str) -> tuple[dict[str, Any], dict[st
     backbone = {"type": "unet", "model": type(teacher.net).__name__, "unet": unet,
                 "timestep_scale": float(teacher.timestep_scale), "null_class": teacher.null_class}
     precond: dict[str, Any] = {"family": teacher.family, "prediction_type": teacher.prediction_type}
-    if kind == "trigflow":
+    if kind == "trigflow":  # the one kind with its own parameterisation (``family``): its copy maps the network
         # TrigFlow's D = cos^2(t) x - sd sin(t) F(cos(t) x / sd, t) has EDM's c_skip and c_in and c_out = -(EDM's
         # epsilon-prediction c_out) (distill.core.precond.trigflow_scalings), so F = -F_edm(x_in, log(sd tan t) / 4)
         # (v_prediction EDM networks already carry the minus sign): at init the student is the teacher's denoiser.
@@ -258,9 +258,6 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
     if not _has_network(teacher):
         raise ConfigError(f"student init: teacher copies the teacher's network, but {type(teacher).__name__} has no "
                           "network to copy; use init: fresh")
-    if cls.family is not None and cls.family != teacher.family and name != "trigflow":
-        raise ConfigError(f"student {name!r} has its own parameterisation ({cls.family}); a {teacher.family} "
-                          "teacher's network is not a copy of it; use init: fresh")
     backbone, precond = _teacher_specs(teacher, name)
     student = cls(backbone=backbone, precond=precond, **common)
     src = teacher.net.state_dict()
