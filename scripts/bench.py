@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge and old.is_file():
         kept = json.loads(old.read_text())["runs"]
         ran = {key for key, _ in done}
-        all_keys = [key for key, _, _ in rows_of({**suite, "configs": all_configs})]
-        records = {key: kept[key] for key in all_keys if key in kept and key not in ran}
-        suite["configs"] = [c for c in all_configs if c in suite["configs"] or any(
-            k == c or k.startswith(f"{c}[") for k in records)]
+        rows = [(key, cfg) for key, cfg, _ in rows_of({**suite, "configs": all_configs}) if key in kept
+                and key not in ran]
+        records = {key: kept[key] for key, _ in rows}
+        suite["configs"] = [c for c in all_configs if c in suite["configs"] or c in {cfg for _, cfg in rows}]
     for cfg, rec in done:
         records.setdefault(cfg, []).append(rec)
     records = {key: records[key] for key, _, _ in rows_of(suite) if key in records}

@@ -72,8 +72,13 @@ WARM_START_KEYS = ("regression_steps", "fake_warmup")
 SCHEDULE_SPAN = 1200  # iterations over which the schedule is counted (a multiple of every TTUR ratio up to 6, 8, 10)
 
 
+def variant(method: str) -> tuple[str, list[str]]:
+    """``(config method, extra overrides)`` of a method name (itself, none, unless it is a :data:`VARIANTS` name)."""
+    return VARIANTS.get(method, (method, []))
+
+
 def config_path(method: str) -> Path:
-    return ROOT / "configs" / f"digits_{VARIANTS.get(method, (method,))[0]}.yaml"
+    return ROOT / "configs" / f"digits_{variant(method)[0]}.yaml"
 
 
 def make_cfg(method: str, out: str):
@@ -84,7 +89,7 @@ def make_cfg(method: str, out: str):
 
     path = config_path(method)
     ov = ["eval.every=0", "trainer.grid_every=0", "trainer.ckpt_every=0", f"out_dir={out}/run",
-          "trainer.progress_bar=false", *VARIANTS.get(method, (method, []))[1]]
+          "trainer.progress_bar=false", *variant(method)[1]]
     cfg = load_config(path, ov)
     params = inspect.signature(LOSSES.get(cfg.loss.name)).parameters
     warm = [f"loss.{k}=0" for k in WARM_START_KEYS if k in params]

@@ -400,16 +400,11 @@ def _no_nan_bar(name: str, rec: dict[str, Any] | None) -> list[str]:
     """Issue 12's "no NaN in any shipped config's run": the NaN guard's skipped steps, summed over the suite's runs."""
     if not rec:
         return []
-    per = {cfg: sum(_skipped(r) for r in runs) for cfg, runs in rec["runs"].items()}
+    per = {cfg: sum(int(r.get("skipped_steps", 0)) for r in runs) for cfg, runs in rec["runs"].items()}
     total = sum(per.values())
     detail = ", ".join(f"{cfg} {n}" for cfg, n in per.items())
     return [f"| {name}: no step skipped by the NaN guard in any run | {total} ({detail}) | "
             f"{'yes' if total == 0 else 'no'} |"]
-
-
-def _skipped(run: dict[str, Any]) -> int:
-    s = run.get("skipped_steps", 0)
-    return int(sum(s.values()) if isinstance(s, dict) else s)
 
 
 def _digits_cont_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
