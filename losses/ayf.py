@@ -332,7 +332,7 @@ class AlignYourFlow(DistillLoss):
         a, b = self.draw_levels(batch, teacher)
         eps = batch.randn_like(x0)
         x = x0 + append_dims(a, x0.ndim) * eps
-        seed = int(batch.randint(2**31, 1)[0])  # one dropout stream for the JVP and the gradient pass
+        seed = batch.draw_seed()  # one dropout stream for the JVP and the gradient pass
         r = tangent_warmup(ctx.iteration, self.warmup, self.warmup_max)
         with same_randomness(seed):
             raw, g = self.tangent(student, teacher, x, a, b, r, cond)

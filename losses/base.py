@@ -153,6 +153,12 @@ class Batch:
         n = self.size * self.world_size
         return self._slice(torch.randint(low, high, (n, *shape), generator=self._generator(), device=self.device))
 
+    def draw_seed(self) -> int:
+        """One integer seed for this step (one draw; this process's first row), e.g. to fork the dropout RNG so two
+        passes of a network see the same mask (:func:`losses.parts.jvp.same_randomness`). Processes of a DDP run get
+        different seeds (as they get different rows)."""
+        return int(self.randint(2**31, 1)[0, 0])
+
 
 class DistillLoss(nn.Module):
     """Base class. Subclasses set :attr:`phases`, override :meth:`forward`, and :meth:`setup` if they own networks.

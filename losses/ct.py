@@ -272,7 +272,7 @@ class ConsistencyTraining(DistillLoss):
         x0 = batch.data
         s_hi, s_lo = self.levels(batch, ctx)
         z = batch.randn_like(x0)
-        seed = int(batch.randint(2**31, 1)[0, 0])  # one dropout stream per step, shared by both passes
+        seed = batch.draw_seed()  # one dropout stream per step, shared by both passes
         pred, target = self.pair(student, x0, z, s_hi, s_lo, seed, batch.labels)
         dist = pseudo_huber(pred, target, self.huber_c(x0[0].numel()))
         weight = (1.0 / (s_hi - s_lo)).to(dist.dtype)

@@ -260,7 +260,7 @@ class MeanFlow(DistillLoss):
         eps = batch.randn_like(x0)
         r, t, neq = self.sample_times(batch, x0)
         z = append_dims(1 - t, x0.ndim) * x0 + append_dims(t, x0.ndim) * eps
-        seed = int(batch.randint(2**31, 1)[0])
+        seed = batch.draw_seed()
         v = self.velocity(teacher, z, t, x0, eps, cond)
         u_tgt, dudt = self.target(student, z, r, t, v, cond, seed)
         with same_randomness(seed):

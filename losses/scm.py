@@ -231,7 +231,7 @@ class SCM(DistillLoss):
         x0, cond = batch.data, batch.labels
         z = sd * batch.randn_like(x0)
         t = self.draw_time(batch, x0)
-        seed = int(batch.randint(2**31, 1)[0, 0])  # one dropout stream for both passes of F
+        seed = batch.draw_seed()  # one dropout stream for both passes of F
         cos, sin = append_dims(torch.cos(t), x0.ndim), append_dims(torch.sin(t), x0.ndim)
         x_t = cos * x0 + sin * z
         r = tangent_warmup(ctx.iteration, self.warmup_iters)
