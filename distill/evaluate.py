@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distill.core.cond import cond_index, cond_to
 from distill.core.nfe import count_nfe
 from distill.core.samplers import get_sampler, steps_for_nfe
 from distill.core.schedules import make_grid
@@ -159,7 +160,7 @@ def _batched(fn: Callable[[Tensor, Tensor | None], Tensor], noise: Tensor, cond:
     back on the CPU. The draws themselves are made on the CPU, so they do not depend on the device."""
     outs = []
     for i in range(0, noise.shape[0], batch_size):
-        c = None if cond is None else cond[i: i + batch_size].to(device)
+        c = cond_to(cond_index(cond, slice(i, i + batch_size)), device)
         outs.append(fn(noise[i: i + batch_size].to(device), c).cpu())
     return torch.cat(outs)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.core.cond import CondLike, cond_guidance, cond_labels
 from distill.core.registry import ConfigError
 
 from .nets import Backbone, MLPDenoiser
@@ -83,8 +84,11 @@ class UNetBackbone(Backbone):
         """The UNet's bottleneck (the same module object as ``self.unet.mid_block``)."""
         return getattr(self.unet, "mid_block", None)
 
-    def conditioning_kwargs(self, x_in: Tensor, c_noise_to: Tensor | None, cond: Tensor | None) -> dict[str, Any]:
+    def conditioning_kwargs(self, x_in: Tensor, c_noise_to: Tensor | None, cond: CondLike) -> dict[str, Any]:
         """Keyword arguments of the diffusers call other than ``sample`` and ``timestep``."""
+        if cond_guidance(cond) is not None:
+            raise ValueError("this student has no guidance input but cond carries a guidance scale")
+        cond = cond_labels(cond)
         if self.two_levels:
             if cond is not None:
                 raise ValueError("this flow-map UNet student is unconditional (its class path carries the target "

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from distill.core.cond import cond_guidance, cond_labels
+
 __all__ = ["sinusoidal_embedding", "Backbone", "RawFn", "MLPDenoiser"]
 
 #: ``F(x_in, c_noise, c_noise_to=None) -> Tensor`` with the conditioning closed over (the ``torch.func.jvp`` entry)
@@ -122,6 +124,9 @@ class MLPDenoiser(Backbone):
             if c_noise_to is None:
                 raise ValueError("this MLPDenoiser was built with two_levels=True: pass c_noise_to")
             feats.append(sinusoidal_embedding(c_noise_to, self.emb_dim, self.max_freq))
+        if cond_guidance(cond) is not None:
+            raise ValueError("this student has no guidance input but cond carries a guidance scale")
+        cond = cond_labels(cond)
         if self.label_emb is not None:
             if cond is None:
                 cond = torch.full((x_in.shape[0],), self.num_classes, device=x_in.device, dtype=torch.long)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill.core.cond import cond_labels
 from distill.core.conversions import append_dims, as_sigma
 from distill.core.registry import ConfigError
 
@@ -171,6 +172,7 @@ class GaussianMixtureTeacher(Teacher):
         mu = self.means.reshape(self.n_components, -1)  # [K, D]
         s2 = self.stds**2  # [K]
         var = s2[None, :] + sigma[:, None] ** 2  # [B, K]
+        cond = cond_labels(cond)
         if cond is None:
             resp = torch.softmax(self._log_resp(xf, sigma), dim=1)  # [B, K] r_k = p(k | x), normalised in log space
         else:

@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from distill.core.conversions import as_sigma
+from distill.core.cond import CondLike, split_guidance
+from distill.core.conversions import append_dims, as_sigma
 
 __all__ = ["Denoiser", "Teacher", "TeacherInfo"]
 
@@ -105,15 +106,19 @@ class Teacher(nn.Module):
             )
 
     def forward(
-        self, x: Tensor, sigma: Tensor | float, cond: Tensor | None = None, guidance: float = 1.0
+        self, x: Tensor, sigma: Tensor | float, cond: CondLike = None, guidance: float | Tensor = 1.0
     ) -> Tensor:
-        """``D(x, sigma, cond)`` with classifier-free guidance weight ``guidance`` (1 = none)."""
+        """``D(x, sigma, cond)`` with classifier-free guidance weight ``guidance`` (1 = none), or the per-sample
+        scale ``cond.guidance: [B]`` that a guidance-conditioned batch carries (:mod:`distill.core.cond`; giving
+        both is an error). A tensor scale always costs the second pass, even where it is 1."""
         sigma = as_sigma(sigma, x)
-        if cond is None or guidance == 1.0:
+        cond, guidance = split_guidance(cond, guidance)
+        if cond is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
             return self.denoise(x, sigma, cond)
         d_c = self.denoise(x, sigma, cond)
         d_u = self.denoise(x, sigma, self.null_cond(cond))
-        return d_u + guidance * (d_c - d_u)
+        w = append_dims(guidance.to(d_c), x.ndim) if isinstance(guidance, Tensor) else guidance
+        return d_u + w * (d_c - d_u)
 
     def sample_noise(
         self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None

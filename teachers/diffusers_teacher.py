@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.core.cond import CondLike, cond_labels
 from distill.core.conversions import append_dims, sigma_from_alpha_bar
 from distill.core.precond import denoiser_scalings
 
@@ -164,14 +165,19 @@ class DiffusersTeacher(Teacher):
         return None
 
     # -- the contract ----------------------------------------------------------------------------------------
-    def null_cond(self, cond: Tensor) -> Tensor:
+    def null_cond(self, cond: CondLike) -> CondLike:
         if self.null_class is None:
             raise ValueError("classifier-free guidance needs a teacher trained with a null class "
                              f"(set null_class in {TEACHER_META}); this teacher has none")
-        return torch.full_like(cond, self.null_class)
+        labels = cond_labels(cond)
+        if labels is None:
+            raise ValueError("classifier-free guidance of a class-conditional teacher needs class labels in cond")
+        null = torch.full_like(labels, self.null_class)
+        return null if isinstance(cond, Tensor) else cond.replace(labels=null)
 
-    def _net(self, x_in: Tensor, timestep: Tensor, cond: Tensor | None) -> Tensor:
+    def _net(self, x_in: Tensor, timestep: Tensor, cond: CondLike) -> Tensor:
         kwargs = {}
+        cond = cond_labels(cond)
         if self.net.config.get("num_class_embeds"):
             if cond is None:
                 if self.null_class is None:
