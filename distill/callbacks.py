@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.core.data import save_grid
-from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher, rows_label
+from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher, rows_label, student_eval_kwargs
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -79,11 +79,11 @@ class FIDCallback(L.Callback):
                                           self.scorer.metric, rec))
         new = []
         student = pl_module.ema.module
-        num_classes = pl_module.teacher.num_classes if pl_module.conditional else None
+        teacher = pl_module.teacher
         plan = pl_module.sampling
         for k in self.nfes:
             x, nfe, sig = generate_student(student, k, self.n, self.seed, plan, batch_size=self.batch_size,
-                                           num_classes=num_classes, class_probs=pl_module.teacher.class_probs)
+                                           **student_eval_kwargs(teacher, pl_module.conditional))
             rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={plan.gamma})", grid=str([round(float(s), 4)
                               for s in sig.tolist()]), guidance=1.0, seed=self.seed, model="ema_student", step=step)
             row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)
@@ -166,6 +166,9 @@ class SampleGridCallback(L.Callback):
         for nfe in self.nfes:
             n = 64 if len(pl_module.ema.module.data_shape) > 1 else 2000
             x = pl_module.ema_samples(n, nfe=nfe)
+            if getattr(pl_module.teacher, "latent", False):
+                with torch.no_grad():
+                    x = pl_module.teacher.decode(x).cpu()  # grids show pixels
             path = self.out_dir / f"step{k:06d}_nfe{nfe}.png"
             save_sample_figure(x, path, f"iteration {k}, {nfe} NFE")
             for lg in trainer.loggers:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from distill.core.cond import cond_to
 from distill.core.data import build_dataset
 from distill.core.pairs import teacher_ode_pairs
 from distill.core.registry import ConfigError, Registry, check_kwargs
@@ -53,20 +54,20 @@ class Provider:
 
 
 class _Labels(Provider):
-    """Labels of a class-conditional teacher (``num_classes``), drawn from its class frequencies (``class_probs``;
-    uniform when it has none); nothing for an unconditional teacher."""
+    """The conditioning of a conditional teacher for data-free losses: ``teacher.sample_cond`` (class labels from its
+    class frequencies or uniform, prompt embeddings of a text-to-image teacher: :meth:`teachers.Teacher.sample_cond`)
+    under the stream ``(seed, k, name, "labels")``; nothing for an unconditional teacher. Delivered as ``labels``
+    (a ``[n]`` tensor or a :class:`distill.core.cond.Cond`)."""
 
-    def __init__(self, name: str, seed: int, num_classes: int | None, probs: Tensor | None) -> None:
+    def __init__(self, name: str, seed: int, teacher: Any) -> None:
         super().__init__(name, seed)
-        self.num_classes, self.probs = num_classes, None if probs is None else probs.detach().double().cpu()
+        self.teacher = teacher
 
-    def draw(self, k: int, n: int) -> dict[str, Tensor]:
-        if not self.num_classes:
+    def draw(self, k: int, n: int) -> dict[str, Any]:
+        if not getattr(self.teacher, "conditional", False):
             return {}
-        g = _generator(self.seed, k, self.name, "labels")
-        if self.probs is not None:
-            return {"labels": torch.multinomial(self.probs, n, replacement=True, generator=g)}
-        return {"labels": torch.randint(self.num_classes, (n,), generator=g)}
+        cond = self.teacher.sample_cond(n, generator=_generator(self.seed, k, self.name, "labels"))
+        return {} if cond is None else {"labels": cond_to(cond, "cpu")}
 
 
 class _Dataset(Provider):
@@ -101,7 +102,7 @@ class _Exact(Provider):
 @DATA_SOURCES.register("noise")
 def _noise(name: str, spec: DataSpec, teacher: Any, run: Mapping[str, Any]) -> Provider:
     check_kwargs(lambda: None, spec.options, "data source 'noise'")
-    return _Labels(name, run["seed"], teacher.num_classes, teacher.class_probs)
+    return _Labels(name, run["seed"], teacher)
 
 
 @DATA_SOURCES.register("exact")

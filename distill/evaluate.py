@@ -136,7 +136,8 @@ def build_scorer(teacher: Any, features: str = "auto", inception_path: str | Non
     if features == "auto":
         if isinstance(teacher, GaussianMixtureTeacher) and len(teacher.data_shape) == 1:
             return RingScorer(teacher)
-        features = "digits" if tuple(teacher.data_shape) == (1, 8, 8) else "inception"
+        shape = tuple(getattr(teacher, "pixel_shape", teacher.data_shape))  # a latent teacher is scored on pixels
+        features = "digits" if shape == (1, 8, 8) else "inception"
     if features in ("sw1", "ring"):
         return RingScorer(teacher)
     return FIDScorer(features, inception_path, reference)
@@ -186,20 +187,46 @@ def draw_labels(n: int, num_classes: int | None, probs: Tensor | None, g: torch.
     return torch.randint(0, num_classes, (n,), generator=g)
 
 
+#: ``sampler(n, generator) -> cond``: a teacher's :meth:`~teachers.Teacher.sample_cond` (or :func:`draw_labels`)
+CondSampler = Callable[[int, torch.Generator], Any]
+
+
 def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None,
-           probs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+           probs: Tensor | None = None, cond_sampler: CondSampler | None = None) -> tuple[Tensor, Any]:
+    """``(noise [n, *shape], cond)`` of evaluation seed ``seed``: ``cond`` from ``cond_sampler`` (a teacher's
+    ``sample_cond``) when given, else class labels (:func:`draw_labels`), both on the seed's ``labels`` stream."""
     noise = torch.randn((n, *shape), generator=eval_generator(seed, "noise"))
-    return noise, draw_labels(n, num_classes, probs, eval_generator(seed, "labels"))
+    g = eval_generator(seed, "labels")
+    if cond_sampler is not None:
+        return noise, cond_sampler(n, g)
+    return noise, draw_labels(n, num_classes, probs, g)
+
+
+def _teacher_cond_sampler(teacher: Any) -> CondSampler | None:
+    """The teacher's ``sample_cond`` (``None`` for objects without one, such as bare denoisers)."""
+    fn = getattr(teacher, "sample_cond", None)
+    return None if fn is None else (lambda n, g: fn(n, generator=g))
+
+
+def _decode_fn(decode: Callable[[Tensor], Tensor] | None, fn: Callable[[Tensor, Any], Tensor]
+               ) -> Callable[[Tensor, Any], Tensor]:
+    """``fn`` followed by ``decode`` (a latent teacher's VAE decoder), batch by batch on the sampling device."""
+    if decode is None:
+        return fn
+    return lambda z, c: decode(fn(z, c))
 
 
 @torch.no_grad()
 def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras", n: int = 2000, seed: int = 0,
                      guidance: float = 1.0, batch_size: int = 1000, diffusers: bool = False) -> tuple[Tensor, int]:
-    """Samples from the teacher with one of our solvers (or diffusers' through the bridge) at ``nfe``.
+    """Samples from the teacher with one of our solvers (or diffusers' through the bridge) at ``nfe``; conditions
+    from ``teacher.sample_cond``; a latent teacher's samples are decoded to pixels (``teacher.decode``), so the
+    result is ``[n, *teacher.pixel_shape]``.
 
     Returns ``(samples, measured_nfe)``.
     """
-    noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes, teacher.class_probs)
+    noise, cond = _noise(teacher.data_shape, n, seed, teacher.num_classes, teacher.class_probs,
+                         _teacher_cond_sampler(teacher))
     renoise = eval_generator(seed, "renoise")
     den = functools.partial(teacher, guidance=guidance) if guidance != 1.0 else teacher
     if diffusers:
@@ -214,8 +241,9 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
         def run(z: Tensor, c: Tensor | None) -> Tensor:
             return fn(den, z, sigmas, c, generator=renoise)  # stochastic solvers draw from the seed's own stream
 
+    decode = teacher.decode if getattr(teacher, "latent", False) else None
     with count_nfe(teacher) as counter:
-        x = _batched(run, noise, cond, batch_size, device_of(teacher))
+        x = _batched(_decode_fn(decode, run), noise, cond, batch_size, device_of(teacher))
     n_batches = math.ceil(n / batch_size)
     return x.float(), counter.calls // n_batches
 
@@ -223,14 +251,20 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 @torch.no_grad()
 def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan: SamplingPlan | None = None,
                      batch_size: int = 1000, num_classes: int | None = None,
-                     class_probs: Tensor | None = None) -> tuple[Tensor, int, Tensor]:
+                     class_probs: Tensor | None = None, cond_sampler: CondSampler | None = None,
+                     decode: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, int, Tensor]:
     """Samples from a student at ``nfe`` steps under ``plan`` (default :class:`students.SamplingPlan`).
+
+    Conditions: ``cond_sampler(n, generator)`` (the teacher's ``sample_cond``, so the student is evaluated on the
+    teacher's conditioning) when given, else labels of ``num_classes`` classes (from ``class_probs`` or uniform:
+    exported students, where no teacher is loaded), else none. ``decode`` (a latent teacher's ``decode``) maps the
+    samples to pixels batch by batch.
 
     Returns ``(samples, measured_nfe, sigmas)``.
     """
     plan = plan or SamplingPlan()
     sigmas = plan.sigmas(nfe, student.sigma_max)
-    noise, cond = _noise(student.data_shape, n, seed, num_classes, class_probs)
+    noise, cond = _noise(student.data_shape, n, seed, num_classes, class_probs, cond_sampler)
     # Every sample's re-noising draws are fixed up front ([steps, n, ...]), so a sample does not depend on batching.
     renoise = torch.randn((max(0, len(sigmas) - 2), n, *student.data_shape), generator=eval_generator(seed, "renoise"))
     was_training = student.training
@@ -243,9 +277,16 @@ def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan:
         return sample_student(student, z, sigmas, gamma=plan.gamma, cond=c, renoise=renoise[:, a:a + z.shape[0]])
 
     with count_nfe(student, "x0_estimate") as counter:
-        x = _batched(run, noise, cond, batch_size, device_of(student))
+        x = _batched(_decode_fn(decode, run), noise, cond, batch_size, device_of(student))
     student.train(was_training)
     return x.float(), counter.calls // math.ceil(n / batch_size), sigmas
+
+
+def student_eval_kwargs(teacher: Any, conditional: bool) -> dict[str, Any]:
+    """The keyword arguments of :func:`generate_student` that evaluate a student on ``teacher``'s terms: the
+    teacher's conditioning (``sample_cond``, when the run is ``conditional``) and its decoder (latent teachers)."""
+    return {"cond_sampler": _teacher_cond_sampler(teacher) if conditional else None,
+            "decode": teacher.decode if getattr(teacher, "latent", False) else None}
 
 
 def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list[str], nfes: list[int],

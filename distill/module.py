@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
+from distill.core.cond import Cond, cond_index, cond_to
 from distill.core.ema import make_ema
 from distill.core.registry import ConfigError
 from distill.core.streams import stream_seed
@@ -114,7 +115,8 @@ class DistillModule(L.LightningModule):
         (``data.conditional``), or uniform labels of a class-conditional teacher for data-free losses."""
         if self.data_cfg.get("conditional"):
             return True
-        return bool(getattr(self.teacher, "num_classes", None)) and self.specs["data"].source == "noise"
+        teacher_cond = getattr(self.teacher, "conditional", bool(getattr(self.teacher, "num_classes", None)))
+        return bool(teacher_cond) and self.specs["data"].source == "noise"
 
     def context(self, k: int) -> StepContext:
         p = next(self.student.parameters())
@@ -167,8 +169,10 @@ class DistillModule(L.LightningModule):
             n = total // world
             size = n if name == "data" else size
             for key, t in prov.draw(k, total).items():
-                t = t[rank * n:(rank + 1) * n].to(p.device)
-                fields[key if name == "data" else f"{name}.{key}"] = t.to(p.dtype) if t.is_floating_point() else t
+                t = cond_to(cond_index(t, slice(rank * n, (rank + 1) * n)), p.device)  # a tensor or a Cond
+                t = t.map(lambda v: v.to(p.dtype) if v.is_floating_point() else v) if isinstance(t, Cond) else (
+                    t.to(p.dtype) if t.is_floating_point() else t)
+                fields[key if name == "data" else f"{name}.{key}"] = t
         data, labels = fields.pop("data", None), fields.pop("labels", None)
         return Batch(size, data, labels, fields, seed=self.seed, iteration=k, rank=rank, world_size=world,
                      device=p.device, dtype=p.dtype)
@@ -236,9 +240,7 @@ class DistillModule(L.LightningModule):
         student = self.ema.module
         g = torch.Generator().manual_seed(stream_seed(seed, "grid-noise"))
         noise = torch.randn((n, *student.data_shape), generator=g).to(self.device)
-        cond = None
-        if self.conditional:
-            cond = torch.randint(0, self.teacher.num_classes, (n,), generator=g).to(self.device)
+        cond = self.teacher.sample_cond(n, generator=g, device=self.device) if self.conditional else None
         was = student.training
         student.eval()
         x = self.sampling.sample(student, noise, nfe, cond, generator=torch.Generator(self.device).manual_seed(

@@ -232,6 +232,7 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
         generate_student,
         generate_teacher,
         markdown_table,
+        student_eval_kwargs,
         write_table,
     )
 
@@ -266,8 +267,7 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
             else:
                 x, nfe, sig = generate_student(student, k, ev.n_samples, seed, module.sampling,
                                                batch_size=ev.batch_size,
-                                               num_classes=module.teacher.num_classes if conditional else None,
-                                               class_probs=module.teacher.class_probs)
+                                               **student_eval_kwargs(module.teacher, conditional))
                 rec = scorer(x, nfe=nfe, sampler=f"student(gamma={module.sampling.gamma})",
                              grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
                              model=f"{cfg.name}:ema_student", step=step)

@@ -80,9 +80,51 @@ class Teacher(nn.Module):
         Data-free training and evaluation draw labels from them."""
         return None
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the teacher is conditional (students trained data-free on it get a ``cond`` per sample from
+        :meth:`sample_cond`): class-conditional by default; text-conditional teachers override it."""
+        return bool(self.num_classes)
+
+    @property
+    def latent(self) -> bool:
+        """Whether the teacher denoises in a latent space (``info.extra["latent"]``); :meth:`decode` maps its samples
+        to pixels."""
+        return bool(self.info.extra.get("latent", False))
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of one *decoded* sample (``info.extra["pixel_shape"]``; ``data_shape`` for pixel-space teachers)."""
+        return tuple(self.info.extra.get("pixel_shape", self.info.data_shape))
+
     def native_sigmas(self) -> Tensor | None:
         """The teacher's native (training) noise levels, descending, or ``None`` for continuous-time teachers."""
         return None
+
+    # -- conditioning and decoding hooks ----------------------------------------------------------------------
+    def sample_cond(self, n: int, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> CondLike:
+        """``n`` draws of the conditioning the teacher is distilled and evaluated on (data-free training batches,
+        evaluation, sample grids all call this; nobody else draws labels or prompts).
+
+        Default: ``None`` for an unconditional teacher; for a class-conditional one ``[n]`` labels from
+        :attr:`class_probs` (``torch.multinomial`` with replacement) or uniform (``torch.randint``), drawn on the CPU
+        from ``generator`` (so the values do not depend on the device), then moved to ``device``. Text-conditional
+        teachers return a :class:`distill.core.cond.Cond` (:mod:`teachers.latent`)."""
+        if not self.num_classes:
+            return None
+        probs = self.class_probs
+        if probs is not None:
+            lab = torch.multinomial(probs.detach().double().cpu(), n, replacement=True, generator=generator)
+        else:
+            lab = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return lab if device is None else lab.to(device)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Samples ``[B, *data_shape]`` -> pixels ``[B, *pixel_shape]`` in ``[-1, 1]``: the identity for pixel-space
+        teachers; a latent teacher's VAE decoder. Used by evaluation (FID features), sample grids and ``distill
+        sample`` only; training never decodes."""
+        return x
 
     # -- the contract ---------------------------------------------------------------------------------------
     def freeze(self) -> Teacher:
