@@ -15,13 +15,14 @@ from distill.core.registry import Registry
 from .analytic import GaussianMixtureTeacher, empirical, grid, mixture, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
+from .latent import DiTTeacher, TextLatentTeacher, load_diffusers_folder
 from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("ring")(ring)
 TEACHERS.register("grid")(grid)
 TEACHERS.register("mixture")(mixture)
-TEACHERS.register("diffusers")(load_diffusers_teacher)
+TEACHERS.register("diffusers")(load_diffusers_folder)  # dispatches: pixel UNet, SD/SDXL, DiT, SD3
 TEACHERS.register("digits")(digits_teacher)
 TEACHERS.register("empirical_digits")(empirical_digits)
 
@@ -43,6 +44,9 @@ __all__ = [
     "TeacherInfo",
     "GaussianMixtureTeacher",
     "DiffusersTeacher",
+    "DiTTeacher",
+    "TextLatentTeacher",
+    "load_diffusers_folder",
     "TEACHERS",
     "build_teacher",
     "empirical",

@@ -48,18 +48,31 @@ __all__ = [
 
 EDM_SCHEDULERS = {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+#: schedulers built from a discrete ``alphas_cumprod`` table (the VP family); a config without ``_class_name`` is VP
+VP_SCHEDULERS = {
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "LCMScheduler", "TCDScheduler",
+    "DDIMParallelScheduler", "DDPMParallelScheduler",
+}
 PREDICTION_TYPES = {"epsilon", "v_prediction", "sample"}
 TEACHER_META = "distill_teacher.json"
 
 
 def scheduler_family(scheduler_config: dict[str, Any]) -> str:
-    """``"edm"``, ``"flow"`` or ``"vp"`` for a diffusers scheduler config."""
+    """``"edm"``, ``"flow"`` or ``"vp"`` for a diffusers scheduler config; an unknown ``_class_name`` raises a
+    one-line :class:`ValueError` with the valid ones."""
     name = scheduler_config.get("_class_name", "DDPMScheduler")
     if name in EDM_SCHEDULERS:
         return "edm"
     if name in FLOW_SCHEDULERS:
         return "flow"
-    return "vp"
+    if name in VP_SCHEDULERS:
+        return "vp"
+    raise ValueError(f"unknown scheduler _class_name {name!r} in the teacher's scheduler config; valid: "
+                     f"{', '.join(sorted(EDM_SCHEDULERS | FLOW_SCHEDULERS | VP_SCHEDULERS))}")
 
 
 def _alphas_cumprod(scheduler_config: dict[str, Any]) -> Tensor:
@@ -81,6 +94,11 @@ class DiffusersTeacher(Teacher):
     """A diffusers network (``UNet2DModel`` or anything with the same ``(sample, timestep, class_labels)`` call)
     behind the denoiser contract.
 
+    This class is also the one copy of the scheduler-family preconditioning for every diffusers teacher: the latent
+    teachers of :mod:`teachers.latent` (SD-style UNets, DiT, SD3) subclass it and override only the hooks
+    :meth:`_shape_of` (the sample shape), :meth:`_classes_of` (class count), :meth:`_net` (the network call with the
+    model's own conditioning keywords, returning ``F``) and the metadata in ``extra``.
+
     Args:
         net: the diffusers model.
         scheduler_config: the scheduler's config dict (as saved by ``save_pretrained``).
@@ -97,6 +115,7 @@ class DiffusersTeacher(Teacher):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         edm_timestep_scale: float = 0.25,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         cfg = dict(scheduler_config)
         family = scheduler_family(cfg)
@@ -104,13 +123,9 @@ class DiffusersTeacher(Teacher):
         if pred not in PREDICTION_TYPES or (family == "edm" and pred == "sample"):
             raise ValueError(f"unsupported prediction_type {pred!r} for a {family} scheduler; valid: epsilon, "
                              f"v_prediction{', sample' if family == 'vp' else ''}")
-        net_cfg = getattr(net, "config", {})
-        shape = (net_cfg["in_channels"], net_cfg["sample_size"], net_cfg["sample_size"]) if net_cfg else None
-        num_class_embeds = net_cfg.get("num_class_embeds") if net_cfg else None
-        num_classes = None
-        if num_class_embeds:
-            num_classes = num_class_embeds - 1 if null_class is not None else num_class_embeds
-        sd = float(sigma_data if sigma_data is not None else cfg.get("sigma_data", 0.5))
+        shape = self._shape_of(net)
+        num_classes = self._classes_of(net, null_class)
+        sd = float(sigma_data if sigma_data is not None else cfg.get("sigma_data", self.default_sigma_data))
         if family == "edm":
             lo, hi = float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0))
         elif family == "flow":
@@ -124,7 +139,7 @@ class DiffusersTeacher(Teacher):
             sigma_max=float(sigma_max if sigma_max is not None else min(hi, 80.0) if family == "vp" else hi),
             sigma_data=sd,
             num_classes=num_classes,
-            extra={"family": family, "prediction_type": pred, "scheduler": cfg.get("_class_name")},
+            extra={"family": family, "prediction_type": pred, "scheduler": cfg.get("_class_name"), **(extra or {})},
         )
         super().__init__(info)
         self.net = net
@@ -136,6 +151,28 @@ class DiffusersTeacher(Teacher):
         if family == "vp":
             self.register_buffer("log_sigmas", vp_log_sigmas(cfg), persistent=False)
         self.freeze()
+
+    #: the data std assumed when neither the argument nor the scheduler config gives one
+    default_sigma_data = 0.5
+
+    @staticmethod
+    def _shape_of(net: nn.Module) -> tuple[int, ...] | None:
+        """One sample's shape ``(in_channels, sample_size, sample_size)`` from the network config."""
+        net_cfg = getattr(net, "config", {})
+        if not net_cfg:
+            return None
+        size = net_cfg["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (net_cfg["in_channels"], h, w)
+
+    @staticmethod
+    def _classes_of(net: nn.Module, null_class: int | None) -> int | None:
+        """Number of real classes: ``num_class_embeds`` (minus the null class's row when there is one)."""
+        net_cfg = getattr(net, "config", {})
+        num_class_embeds = net_cfg.get("num_class_embeds") if net_cfg else None
+        if not num_class_embeds:
+            return None
+        return num_class_embeds - 1 if null_class is not None else num_class_embeds
 
     # -- preconditioning and time conversions (distill.core.precond) ------------------------------------------
     @property
@@ -176,6 +213,7 @@ class DiffusersTeacher(Teacher):
         return null if isinstance(cond, Tensor) else cond.replace(labels=null)
 
     def _net(self, x_in: Tensor, timestep: Tensor, cond: CondLike) -> Tensor:
+        """The raw network output ``F(x_in, timestep, cond)`` (``[B, *data_shape]``)."""
         kwargs = {}
         cond = cond_labels(cond)
         if self.net.config.get("num_class_embeds"):
@@ -187,9 +225,9 @@ class DiffusersTeacher(Teacher):
         out = self.net(x_in, timestep, **kwargs)
         return out.sample if hasattr(out, "sample") else out
 
-    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Tensor, cond: CondLike = None) -> Tensor:
         """``D = c_skip x + c_out F(c_in x, timestep_scale * c_noise)``; see :meth:`scalings`. Args: ``x: [B, C, H,
-        W]``, ``sigma: [B]``, ``cond: [B]`` labels or ``None``."""
+        W]``, ``sigma: [B]``, ``cond``: ``[B]`` labels, a :class:`~distill.core.cond.Cond` or ``None``."""
         self.check_input(x)
         c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scalings(sigma))
         out = self._net(c_in * x, self.timestep_scale * c_noise.reshape(-1), cond)
