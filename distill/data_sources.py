@@ -132,6 +132,9 @@ def _pairs(name: str, spec: DataSpec, teacher: Any, run: Mapping[str, Any]) -> P
     opts = dict(spec.options)
     check_kwargs(TeacherPairCache.__init__, {**opts, "teacher": None, "folder": None, "seed": None},
                  "data source 'teacher_pairs'")
+    if getattr(teacher, "conditional", False) and not teacher.num_classes:
+        raise ConfigError(f"data source {name!r}: teacher pairs store class labels only; this "
+                          f"{type(teacher).__name__} is text-conditional (use a data-free loss without teacher pairs)")
     folder = run.get("pair_cache_dir") or os.path.join(run.get("out_dir") or ".", "teacher_pairs")
     cache = TeacherPairCache(teacher, folder, seed=run["seed"], **opts)
     return _PairProvider(name, run["seed"], cache)

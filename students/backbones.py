@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.core.cond import CondLike, cond_guidance, cond_labels
+from distill.core.cond import CondLike, as_cond, cond_guidance, cond_labels
 from distill.core.registry import ConfigError
 
 from .nets import Backbone, MLPDenoiser
@@ -27,7 +27,9 @@ from .nets import Backbone, MLPDenoiser
 __all__ = ["Backbone", "MLPDenoiser", "UNetBackbone", "UNET_MODELS", "build_backbone", "clean_unet_config"]
 
 #: diffusers model classes a ``{"type": "unet"}`` backbone may name (the raw call below is theirs)
-UNET_MODELS = ("UNet2DModel",)
+UNET_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
+#: the models among them that take text conditioning (``cond`` must be a ``Cond`` with ``embeds``)
+TEXT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel")
 
 
 class UNetBackbone(Backbone):
@@ -47,9 +49,16 @@ class UNetBackbone(Backbone):
     * ``trig_time`` (a TrigFlow student copied from an EDM teacher): the raw call takes TrigFlow time
       ``c_noise = t`` and feeds the copied UNet EDM's ``log(sd tan t) / 4``, its output times ``sign``
       (:func:`students.students._teacher_specs`).
-    * text / DiT conditioning (``UNet2DConditionModel``, ``DiTTransformer2DModel``) would pass ``cond`` as
-      ``encoder_hidden_states`` in :meth:`conditioning_kwargs`; not implemented (add the class to
-      :data:`UNET_MODELS` with that branch).
+    * text conditioning (``UNet2DConditionModel``, ``SD3Transformer2DModel``; copies of the latent teachers of
+      :mod:`teachers.latent`): ``cond`` is a :class:`~distill.core.cond.Cond`; ``embeds`` go in as
+      ``encoder_hidden_states``, SDXL-style UNets (``addition_embed_type="text_time"``) also get
+      ``added_cond_kwargs={"text_embeds": pooled, "time_ids": added["time_ids"]}``, SD3 gets
+      ``pooled_projections=pooled`` (and its timestep by keyword). ``mask`` is not passed (the pipelines do not).
+    * ``DiTTransformer2DModel``: labels as ``class_labels`` (``None`` means ``null_class``); ``F`` is the first
+      ``in_channels`` output channels (the learned-sigma channels are dropped, as the teacher and ``DiTPipeline``
+      do); its label dropout (``class_dropout_prob``) is switched off, so a training-mode student sees its labels.
+    * Flow-map (``two_levels``) students of these three models are not supported (only ``UNet2DModel`` has the
+      class-embedding path that carries the target level).
 
     Args:
         unet: the diffusers model; reachable as ``self.unet`` (its ``mid_block`` is what GAN feature taps hook).
@@ -71,6 +80,14 @@ class UNetBackbone(Backbone):
         self.two_levels = bool(two_levels)
         self.null_class = null_class
         cfg = getattr(unet, "config", {})
+        self.model = type(unet).__name__
+        if two_levels and self.model != "UNet2DModel":
+            raise ConfigError(f"a flow-map (two-level) student of a {self.model} is not supported; use a generator or "
+                              "consistency student")
+        if self.model == "DiTTransformer2DModel":  # no label dropout in a training-mode student
+            for m in unet.modules():
+                if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
+                    m.dropout_prob = 0.0
         if two_levels:
             if getattr(unet, "class_embedding", None) is None or cfg.get("class_embed_type") != "timestep":
                 raise ConfigError("a flow-map UNet backbone needs class_embed_type='timestep' in its unet config")
@@ -88,6 +105,13 @@ class UNetBackbone(Backbone):
         """Keyword arguments of the diffusers call other than ``sample`` and ``timestep``."""
         if cond_guidance(cond) is not None:
             raise ValueError("this student has no guidance input but cond carries a guidance scale")
+        if self.model in TEXT_MODELS:
+            return self._text_kwargs(x_in, cond)
+        if self.model == "DiTTransformer2DModel":
+            labels = cond_labels(cond)
+            if labels is None:
+                labels = torch.full((x_in.shape[0],), self.null_class, device=x_in.device, dtype=torch.long)
+            return {"class_labels": labels.long()}
         cond = cond_labels(cond)
         if self.two_levels:
             if cond is not None:
@@ -105,6 +129,20 @@ class UNetBackbone(Backbone):
         # (UNet2DConditionModel / DiT: return {"encoder_hidden_states": cond} here.)
         return {}
 
+    def _text_kwargs(self, x_in: Tensor, cond: CondLike) -> dict[str, Any]:
+        """``encoder_hidden_states`` (+ ``added_cond_kwargs`` / ``pooled_projections``) of a text-conditional model."""
+        c = as_cond(cond)
+        if c is None or c.embeds is None:
+            raise ValueError(f"this {self.model} student is text-conditional: cond must be a Cond with embeds "
+                             "(the teacher's sample_cond)")
+        dt = x_in.dtype
+        kw: dict[str, Any] = {"encoder_hidden_states": c.embeds.to(dt)}
+        if self.model == "SD3Transformer2DModel":
+            kw["pooled_projections"] = c.pooled.to(dt)
+        elif self.unet.config.get("addition_embed_type") == "text_time":
+            kw["added_cond_kwargs"] = {"text_embeds": c.pooled.to(dt), "time_ids": c.added["time_ids"].to(dt)}
+        return kw
+
     def forward(
         self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
     ) -> Tensor:
@@ -113,8 +151,10 @@ class UNetBackbone(Backbone):
         kwargs = self.conditioning_kwargs(x_in, c_noise_to, cond)
         if self.trig_time is not None:  # TrigFlow t -> EDM c_noise = log(sigma) / 4 with sigma = sd tan(t)
             c_noise = (torch.log(self.trig_time["sigma_data"] * torch.tan(c_noise.double())) / 4).to(c_noise.dtype)
-        out = self.unet(x_in, self.timestep_scale * c_noise, **kwargs)
+        out = self.unet(x_in, timestep=self.timestep_scale * c_noise, **kwargs)
         out = out.sample if hasattr(out, "sample") else out
+        if out.shape[1] != x_in.shape[1]:  # DiT's learned-sigma channels
+            out = out[:, : x_in.shape[1]]
         return out if self.trig_time is None else self.trig_time["sign"] * out
 
 

@@ -197,6 +197,9 @@ def _has_network(teacher: Teacher) -> bool:
 def _teacher_specs(teacher: Teacher, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(backbone, precond)`` specs that copy ``teacher``'s network and parameterisation (public attributes only)."""
     unet = clean_unet_config(dict(teacher.net.config))
+    if kind == "flowmap" and type(teacher.net).__name__ != "UNet2DModel":
+        raise ConfigError(f"student 'flowmap' with init: teacher supports UNet2DModel teachers only, not a "
+                          f"{type(teacher.net).__name__}; use a generator or consistency student")
     if kind == "flowmap":
         if unet.get("num_class_embeds") or unet.get("class_embed_type"):
             raise ConfigError(
