@@ -320,3 +320,26 @@ def test_teacher_evaluation_decodes_latents(folders):
     t = _teacher(folders, "sd")
     x, nfe = generate_teacher(t, "euler", 2, n=3, seed=0, guidance=2.0)
     assert x.shape == (3, 3, 16, 16) and nfe == 4  # 2 steps x (cond + null) passes
+
+
+def test_default_sample_cond_keeps_the_label_draws():
+    """``Teacher.sample_cond`` draws exactly what the data source, evaluation and grids drew before it existed:
+    ``multinomial(class_probs)`` for a teacher with class frequencies, ``randint`` otherwise, ``None`` if
+    unconditional."""
+    from teachers import mixture
+
+    probs_teacher = mixture(means=[[0.0, 0.0], [3.0, 0.0]], stds=[0.1, 0.3], weights=[0.8, 0.2], conditional=True)
+    got = probs_teacher.sample_cond(50, generator=torch.Generator().manual_seed(5))
+    want = torch.multinomial(probs_teacher.weights.double(), 50, replacement=True,
+                             generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want)
+
+    from teachers import Teacher, TeacherInfo
+
+    class Uniform(Teacher):  # a bare teacher with 7 classes and no frequencies
+        def __init__(self):
+            super().__init__(TeacherInfo(data_shape=(2,), num_classes=7))
+
+    got = Uniform().sample_cond(50, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, torch.randint(7, (50,), generator=torch.Generator().manual_seed(5)))
+    assert mixture(means=[[0.0, 0.0]], stds=[1.0]).sample_cond(3) is None
