@@ -42,6 +42,7 @@ DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "t
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER = "default"  # the adapter name peft and diffusers use when none is given
+PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped network (its saved adapter names start so)
 
 
 def check_lora_spec(spec: Any, owner: str = "student") -> dict[str, Any]:
@@ -177,7 +178,8 @@ def save_adapter(net: nn.Module, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(net), folder / ADAPTER_WEIGHTS)
+    # PeftModel's on-disk names: the network sits at ``base_model.model`` inside a ``PeftModel``
+    save_file({PEFT_PREFIX + k: v for k, v in adapter_state_dict(net).items()}, folder / ADAPTER_WEIGHTS)
     net.peft_config[_ADAPTER].save_pretrained(str(folder))
     return folder
 
@@ -195,7 +197,8 @@ def load_adapter(net: nn.Module, folder: str | Path) -> nn.Module:
     cfg = LoraConfig(**{k: v for k, v in json.loads((folder / ADAPTER_CONFIG).read_text()).items()
                         if k in LoraConfig.__dataclass_fields__})
     inject_adapter_in_model(cfg, net, adapter_name=_ADAPTER)
-    result = set_peft_model_state_dict(net, load_file(folder / ADAPTER_WEIGHTS), adapter_name=_ADAPTER)
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()}
+    result = set_peft_model_state_dict(net, state, adapter_name=_ADAPTER)
     missing = [k for k in getattr(result, "missing_keys", []) if is_adapter_name(k)]
     if missing:
         raise ValueError(f"adapter folder {str(folder)!r} lacks {len(missing)} adapter tensor(s) (e.g. {missing[0]})")

@@ -173,3 +173,56 @@ def test_adapter_only_checkpoints_resume_exactly(tmp_path):
     trained = {k: v for k, v in module.student.state_dict().items() if is_adapter_name(k)}
     assert all(torch.equal(trained[k[len("student."):]], a["state_dict"][k]) for k in nets if k.startswith("student."))
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in trained.items() if "lora_B" in k)  # it trained
+
+
+def test_export_adapter_loads_back_and_merge_equals_adapter_model(tmp_path):
+    """``distill export`` of a LoRA run (adapter-only checkpoint): the standalone folder reproduces the EMA
+    student's samples; ``lora/`` put on the teacher's plain UNet (peft's ``PeftModel.from_pretrained`` and
+    ``students.lora.load_adapter``) reproduces them; ``--merge`` gives a plain student with the same samples; the
+    diffusers ``ConsistencyModelPipeline`` folder carries the merged UNet."""
+    from diffusers import ConsistencyModelPipeline, UNet2DModel
+    from peft import PeftModel
+
+    from distill.cli import main
+    from distill.export import load_exported
+    from distill.train import build_module, run_training
+    from students import sample_student
+    from students.lora import load_adapter
+
+    run_training(lora_cfg(tmp_path, "run", 4), final_eval=False)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    module = build_module(lora_cfg(tmp_path, "run", 4))
+    module.prepare()
+    module.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    ema = module.ema.module.eval()
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ema.state_dict().items() if "lora_B" in k)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    sig = torch.tensor([80.0, 0.8, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        want = sample_student(ema, z, sig)
+        exported, _ = load_exported(tmp_path / "exp")
+        assert exported.lora is not None
+        assert torch.equal(sample_student(exported, z, sig), want)
+        merged, _ = load_exported(tmp_path / "merged")
+        assert "lora" not in merged.config() and not any(is_adapter_name(k) for k in merged.state_dict())
+        assert torch.allclose(sample_student(merged, z, sig), want, atol=1e-5)
+        # the adapter alone, on the teacher's plain network
+        plain = build_student_from_config({k: v for k, v in ema.config().items() if k != "lora"}).eval()
+        teacher_unet = UNet2DModel.from_pretrained(tmp_path / "teacher" / "unet")
+        plain.net.unet.load_state_dict(teacher_unet.state_dict())
+        load_adapter(plain.net.unet, tmp_path / "exp" / "lora")
+        assert torch.equal(sample_student(plain, z, sig), want)
+        peft_unet = PeftModel.from_pretrained(teacher_unet, tmp_path / "exp" / "lora").eval()
+        t = torch.tensor([900.0, 10.0, -300.0])
+        assert torch.allclose(peft_unet(z, t).sample, ema.net.unet(z, t).sample, atol=1e-6)
+        # the ConsistencyModelPipeline folder holds the merged UNet: its one step is the student's
+        pipe = ConsistencyModelPipeline.from_pretrained(tmp_path / "exp" / "diffusers")
+        one = sample_student(ema, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                             torch.tensor([80.0, 0.0], dtype=torch.float64))
+        theirs = pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(1),
+                      output_type="pt").images
+    assert torch.allclose(theirs, (one / 2 + 0.5).clamp(0, 1), atol=1e-5)
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "base + adapters" in card
+    assert "merged (full weights" in (tmp_path / "merged" / "README.md").read_text()
