@@ -283,3 +283,48 @@ def test_text_unet_adapter_loads_with_stable_diffusion_load_lora_weights(tmp_pat
         loaded = fresh.unet(x, t, encoder_hidden_states=e).sample
         want = net(x, t, encoder_hidden_states=e).sample
     assert torch.allclose(loaded, want, atol=1e-6) and not torch.allclose(base, want, atol=1e-3)
+
+
+def test_lora_critic_shares_the_teacher_and_resumes_exactly(tmp_path):
+    """DMD2 with a LoRA student and a LoRA fake score (``loss.fake_lora``): the fake is the teacher at init, shares
+    the teacher's parameters, trains only adapters in its own phase, and 6 straight == 3 + resume + 3 with
+    adapter-only checkpoints."""
+    from distill.train import build_module, run_training
+    from losses.parts import build_fake_score
+
+    teacher = tiny_teacher()
+    fake = build_fake_score("teacher", teacher, torch.device("cpu"), torch.float32, lora=LORA, owner="dmd2")
+    x, s = inputs()
+    with torch.no_grad():
+        assert torch.equal(fake.eval().denoise(x, s), teacher.denoise(x, s))  # (eval: the teacher's attention path)
+    tparams = {id(p) for p in teacher.parameters()}
+    assert all(id(p) in tparams for n, p in fake.named_parameters() if not is_adapter_name(n))
+    assert {n for n, p in fake.named_parameters() if p.requires_grad} == \
+        {n for n, _ in fake.named_parameters() if is_adapter_name(n)}
+    with pytest.raises(ConfigError, match="fake_lora puts adapters on the teacher's network; it needs fake_init"):
+        build_module(lora_cfg(tmp_path, "bad", 2, loss="dmd2", **{
+            "loss.fake_init": "fresh", "loss.fake_lora.rank": 2, "optim.critic.lr": "1e-3",
+            "student.name": "generator"}))
+
+    def cfg(name, steps):
+        return lora_cfg(tmp_path, name, steps, loss="dmd2", **{
+            "loss.fake_lora.rank": 2, "loss.critic_updates": 2, "loss.num_levels": 20, "optim.critic.lr": "1e-3",
+            "student.name": "generator", "data.name": "null", "trainer.ckpt_every": 3})
+
+    run_training(cfg("straight", 6), final_eval=False)
+    run_training(cfg("split", 3), final_eval=False)
+    run_training(cfg("split", 6), resume=True, final_eval=False)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
+    fake_keys = [k for k in a["state_dict"] if k.startswith("loss.fake.")]
+    assert fake_keys and all(is_adapter_name(k) for k in fake_keys)
+    assert any(not torch.equal(a["state_dict"][k], torch.zeros_like(a["state_dict"][k]))
+               for k in fake_keys if "lora_B" in k)  # the critic trained
+    module = build_module(cfg("straight", 6))
+    module.prepare()
+    critic = [p for g in module.loss.phase_groups("critic", module.student).values() for p in g]
+    adapters = [p for n, p in module.loss.fake.named_parameters() if is_adapter_name(n)]
+    assert len(critic) == len(adapters) and all(any(p is q for q in adapters) for p in critic)
