@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (with checkpoints/last.ckpt) or a checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA students: write the standalone student with the adapters merged into full weights")
     return ap
 
 
@@ -185,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from distill.export import export_checkpoint
 
-    out = export_checkpoint(args.run, args.out, overwrite=args.overwrite)
+    out = export_checkpoint(args.run, args.out, overwrite=args.overwrite, merge=args.merge)
     print(f"exported to {out}")
     return 0
 

@@ -9,7 +9,17 @@ The folder holds
 * ``fid.json`` — the FID records (with protocol) of the run, when it has them;
 * ``README.md`` — a model card;
 * ``diffusers/`` — for a pixel consistency student of an EDM teacher, a folder that diffusers'
-  ``ConsistencyModelPipeline`` loads (``unet/`` + ``scheduler/`` with ``CMStochasticIterativeScheduler``).
+  ``ConsistencyModelPipeline`` loads (``unet/`` + ``scheduler/`` with ``CMStochasticIterativeScheduler``; a LoRA
+  student's adapters merged in);
+* ``lora/`` — for a LoRA student (``students.lora``), the adapter alone (:func:`export_lora_adapter`): a peft
+  adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) that ``peft.PeftModel.from_pretrained`` or
+  :func:`students.lora.load_adapter` put on the teacher's network, and for a ``UNet2DConditionModel`` the
+  ``pytorch_lora_weights.safetensors`` that ``StableDiffusionPipeline.load_lora_weights`` reads.
+
+A LoRA student's checkpoint holds only its adapters: the export rebuilds the frozen base from the run's teacher
+(``teacher`` section of the run config, a local folder). ``merge=True`` (``distill export --merge``) writes the
+standalone student with the adapters merged into full weights (a plain student config); by default the standalone
+student keeps the adapter structure (``student_config.json`` names the ``lora`` spec).
 
 It is written to a temporary folder first and moved into place, so an interrupted export leaves nothing half-written.
 :func:`load_exported` reads it back; ``distill sample`` and ``distill eval`` use it without the teacher.
@@ -29,8 +39,13 @@ from safetensors.torch import load_file, save_file
 
 from distill.train import load_training_checkpoint
 from students import SamplingPlan, build_student_from_config
+from students.lora import adapter_state_dict, merged_copy, save_adapter
 
-__all__ = ["export_checkpoint", "load_exported", "find_checkpoint", "export_plan"]
+__all__ = ["export_checkpoint", "load_exported", "find_checkpoint", "export_plan", "export_lora_adapter",
+           "merged_student", "SD_LORA_WEIGHTS"]
+
+#: the file ``StableDiffusionPipeline.save_lora_weights`` writes and ``load_lora_weights`` reads
+SD_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def export_plan(sampling: dict[str, Any]) -> SamplingPlan:
@@ -60,16 +75,87 @@ def _ema_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _student_with_weights(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> Any:
+    """The run's student with the checkpoint's EMA weights. A LoRA student's checkpoint lacks the frozen base: it is
+    rebuilt from the run's teacher exactly as training built it (``build_student`` on the ``student`` section)."""
+    student = build_student_from_config(meta["student_config"])
+    missing = sorted(set(student.state_dict()) - set(weights))
+    if missing and meta["student_config"].get("lora") is not None:
+        from students import build_student
+        from teachers import build_teacher
+
+        cfg = meta["config"]
+        try:
+            teacher = build_teacher(dict(cfg["teacher"]))
+        except Exception as exc:
+            raise ValueError(f"this LoRA checkpoint holds adapters only; rebuilding the frozen base needs the run's "
+                             f"teacher {cfg.get('teacher')}, which failed: {str(exc).splitlines()[0]}") from None
+        spec = {k: v for k, v in dict(cfg["student"]).items() if k != "name"}
+        student = build_student(meta["student_config"]["kind"], teacher, **spec).cpu()
+        if student.config() != meta["student_config"]:
+            raise ValueError("the student rebuilt from the run's teacher does not match the checkpoint's student "
+                             "config (was the teacher folder changed?)")
+        missing = sorted(set(student.state_dict()) - set(weights) - set(student.rebuilt_state_keys))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} EMA student weight(s) (e.g. ema.module.{missing[0]})")
+    student.load_state_dict(weights, strict=False)
+    return student.eval()
+
+
+def merged_student(student: Any) -> Any:
+    """A plain (adapter-free) student whose network is ``student``'s with the LoRA adapters merged into the base
+    weights (:func:`students.lora.merged_copy`); it computes what the adapted student computes."""
+    cfg = {k: v for k, v in student.config().items() if k != "lora"}
+    plain = build_student_from_config(cfg)
+    net = merged_copy(student.lora_net())
+    target = plain.lora_net()
+    target.load_state_dict(net.state_dict(), strict=True)
+    rest = {k: v for k, v in student.state_dict().items() if not k.startswith(student.lora_prefix())}
+    missing, unexpected = plain.load_state_dict(rest, strict=False)
+    if unexpected or any(not k.startswith(plain.lora_prefix()) for k in missing):
+        raise RuntimeError(f"merged student does not fit its plain config: {unexpected[:3]} {missing[:3]}")
+    return plain.eval()
+
+
+def export_lora_adapter(net: Any, folder: Path) -> str:
+    """Write the LoRA adapter of a student's network ``net`` (``student.lora_net()``) to ``folder`` and return the
+    model-card paragraph on loading it.
+
+    Always a peft adapter folder (:func:`students.lora.save_adapter`). For a ``UNet2DConditionModel`` also
+    ``pytorch_lora_weights.safetensors`` from ``StableDiffusionPipeline.save_lora_weights`` (peft-format keys under
+    ``unet.``, the adapter config in the metadata), which ``StableDiffusionPipeline.load_lora_weights(folder)`` reads.
+    """
+    save_adapter(net, folder)
+    name = type(net).__name__
+    if name == "UNet2DConditionModel":
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=adapter_state_dict(net),
+                                                  unet_lora_adapter_metadata=net.peft_config["default"].to_dict(),
+                                                  weight_name=SD_LORA_WEIGHTS)
+        return ("`lora/` is the adapter alone. In the teacher's pipeline:\n\n```python\n"
+                "pipe.load_lora_weights('<this folder>/lora')\n```\n\nor, on the bare network, "
+                "`peft.PeftModel.from_pretrained(unet, '<this folder>/lora')`.\n")
+    return (f"`lora/` is the adapter alone, as a peft adapter folder for the teacher's `{name}` (diffusers has no "
+            f"LoRA loader for this model class):\n\n```python\nfrom peft import PeftModel\n"
+            f"net = PeftModel.from_pretrained(teacher_net, '<this folder>/lora')\n```\n\nor "
+            f"`students.lora.load_adapter(teacher_net, '<this folder>/lora')`.\n")
+
+
 def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None = None,
-                      overwrite: bool = False) -> Path:
-    """Export the EMA student of a run directory or checkpoint to the folder ``out``."""
+                      overwrite: bool = False, merge: bool = False) -> Path:
+    """Export the EMA student of a run directory or checkpoint to the folder ``out`` (``merge``: a LoRA student's
+    standalone weights with the adapters merged in)."""
     ckpt_path = find_checkpoint(path)
     ckpt = load_training_checkpoint(ckpt_path)
     meta = ckpt["distill"]
     cfg = meta["config"]
-    student = build_student_from_config(meta["student_config"])
-    weights = _ema_state(ckpt["state_dict"])
-    student.load_state_dict(weights, strict=True)
+    student = _student_with_weights(meta, _ema_state(ckpt["state_dict"]))
+    lora = getattr(student, "lora", None) is not None
+    merged = merged_student(student) if lora else student
+    if merge and not lora:
+        raise ValueError("--merge needs a LoRA student (student.lora in the run config); this one has full weights")
+    standalone = merged if merge else student
     ev = cfg.get("eval", {})
     nfes = nfes or list(ev.get("nfe", [1, 2, 4]))
     # The run's one sampling plan (the same object its evaluation and sample grids used).
@@ -89,8 +175,8 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(student.state_dict(), tmp / "model.safetensors")
-        (tmp / "student_config.json").write_text(json.dumps(meta["student_config"], indent=2))
+        save_file({k: v.contiguous() for k, v in standalone.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "student_config.json").write_text(json.dumps(standalone.config(), indent=2))
         (tmp / "sampling.json").write_text(json.dumps(sampling, indent=2))
         run_dir = ckpt_path.parent.parent
         records: dict[str, Any] = {}
@@ -101,9 +187,13 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
         (tmp / "fid.json").write_text(json.dumps(records, indent=1))
         (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2))
         try:
-            diffusers_note = export_consistency_pipeline(student, tmp / "diffusers", sampling)
+            diffusers_note = export_consistency_pipeline(merged, tmp / "diffusers", sampling)
         except NotImplementedError as exc:
             diffusers_note = f"No diffusers pipeline folder was written: {exc}"
+        if lora:
+            diffusers_note += "\n" + export_lora_adapter(student.lora_net(), tmp / "lora")
+            diffusers_note += (f"\nLoRA: {json.dumps(student.lora)}; the standalone weights here are "
+                               f"{'merged (full weights, no adapters)' if merge else 'base + adapters'}.\n")
         (tmp / "README.md").write_text(model_card(cfg, meta, sampling, run_dir, diffusers_note))
         if out.exists():
             shutil.rmtree(out)

@@ -249,18 +249,33 @@ class DistillModule(L.LightningModule):
         return x
 
     # -- checkpoints -------------------------------------------------------------------------------------------
+    def rebuilt_keys(self) -> set[str]:
+        """State keys rebuilt from the teacher when the run is built, hence never checkpointed: the teacher's, and
+        the frozen base weights a LoRA network copied from it (every module's ``rebuilt_state_keys``: the student,
+        its EMA copies, a LoRA fake score; ``students.lora``)."""
+        keys = {k for k in super().state_dict() if k.startswith("teacher.")}
+        for name, mod in self.named_modules(remove_duplicate=False):
+            own = getattr(mod, "rebuilt_state_keys", None)
+            if own and not name.startswith("teacher"):
+                keys.update(f"{name}.{k}" for k in own)
+        return keys
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # The frozen teacher is rebuilt from the config on load, never saved into student checkpoints.
+        # The frozen teacher (and LoRA bases copied from it) are rebuilt from the config on load, never saved into
+        # student checkpoints.
         sd = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in sd.items() if not k.startswith("teacher.")}
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        drop = {prefix + k for k in self.rebuilt_keys()}
+        return {k: v for k, v in sd.items() if k not in drop}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         full = dict(state_dict)
         if "iteration" in full:
             self._k = int(full["iteration"])
         full.setdefault("nonfinite_rows", torch.zeros_like(self.nonfinite_rows))  # a counter older runs lack
-        for k, v in self.teacher.state_dict().items():
-            full.setdefault(f"teacher.{k}", v)
+        own = super().state_dict()
+        for k in self.rebuilt_keys():
+            full.setdefault(k, own[k])
         return super().load_state_dict(full, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -57,6 +57,8 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
             sampling levels at ``len(student_sigmas)`` NFE.
         fake_init: ``"teacher"``, ``"fresh"`` or ``"residual"`` (:func:`losses.parts.build_fake_score`).
         fake_hidden, fake_depth: width and number of hidden layers of the fresh MLP (or residual correction).
+        fake_lora: a LoRA spec (``students.lora``) for a ``"teacher"`` fake: a LoRA critic on the shared, frozen
+            teacher network (:func:`losses.parts.build_fake_score`); ``None``: a full trainable copy.
         dm_eps: floor of the per-sample DMD normaliser.
         regression_steps: iterations of warm-start regression onto teacher ODE pairs ``(z, ODE(z))`` before
             distribution matching (DMD's regression loss, DMD2's SDXL warm start); only the student phase runs.
@@ -74,7 +76,8 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
                  t_max: float = 0.98, num_levels: int = 1000, fake_sigma: str = "lognormal", p_mean: float = -1.2,
                  p_std: float = 1.2, gan_weight: float = 0.0, gan_critic_weight: float = 1e-2,
                  student_sigmas: Sequence[float] | None = None, fake_init: str = "teacher", fake_hidden: int = 256,
-                 fake_depth: int = 4, dm_eps: float = 1e-5, regression_steps: int = 0, regression_pairs: int = 10_000,
+                 fake_depth: int = 4, fake_lora: dict[str, Any] | None = None, dm_eps: float = 1e-5,
+                 regression_steps: int = 0, regression_pairs: int = 10_000,
                  regression_nfe: int = 35, regression_weight: float = 0.0, fake_warmup: int = 0) -> None:
         super().__init__()
         if int(critic_updates) != critic_updates or critic_updates < 1:
@@ -86,7 +89,7 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
         if gan_weight < 0 or gan_critic_weight < 0:
             raise ConfigError(f"dmd2: GAN weights must be >= 0, got gan_weight={gan_weight}, "
                               f"gan_critic_weight={gan_critic_weight}")
-        parts.check_fake_config("dmd2", fake_init, fake_hidden, fake_depth)
+        self.fake_lora = parts.check_fake_config("dmd2", fake_init, fake_hidden, fake_depth, fake_lora)
         self.init_regression("dmd2", regression_steps, regression_pairs, regression_nfe, regression_weight,
                              fake_warmup, guidance)
         self.student_sigmas = parts.check_levels("dmd2", student_sigmas)
@@ -123,7 +126,8 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
             raise ConfigError(f"dmd2: guidance={self.guidance} needs a class-conditional teacher; this "
                               f"{type(teacher).__name__} is unconditional (use guidance=1.0)")
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
-                                           depth=self.fake_depth, guidance=self.guidance, owner="dmd2")
+                                           depth=self.fake_depth,
+                                           lora=self.fake_lora, guidance=self.guidance, owner="dmd2")
         if self.gan_weight > 0:
             k = getattr(teacher, "num_classes", None)
             self.gan_head, self._tap = parts.build_gan_head(self.fake, teacher.data_shape, k, ctx.device, ctx.dtype,

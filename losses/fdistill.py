@@ -60,7 +60,8 @@ class RatioHead(nn.Module):
 class FDistill(reg.RegressionWarmStart, DistillLoss):
     """f-distill (phases ``("critic", "student")``). DMD2's arguments (``critic_updates``, ``guidance``, ``dm_sigma``,
     ``t_min``, ``t_max``, ``num_levels``, ``fake_sigma``, ``p_mean``, ``p_std``, ``fake_init``, ``fake_hidden``,
-    ``fake_depth``, ``dm_eps``, ``gan_weight``, ``regression_*``, ``fake_warmup``) mean what they mean there; plus:
+    ``fake_depth``, ``fake_lora``, ``dm_eps``, ``gan_weight``, ``regression_*``, ``fake_warmup``) mean what they mean
+    there; plus:
 
     Args:
         divergence: one of :data:`losses.parts.divergences.DIVERGENCES` (paper's best: ``js``).
@@ -80,6 +81,7 @@ class FDistill(reg.RegressionWarmStart, DistillLoss):
                  p_mean: float = -1.2, p_std: float = 1.2, disc_weight: float = 1e-2, gan_weight: float = 0.0,
                  logit_clamp: float = 10.0, ratio_min: float = 0.1, ratio_max: float = 20.0, ratio_bins: int = 10,
                  ratio_ema: float = 0.0, fake_init: str = "teacher", fake_hidden: int = 256, fake_depth: int = 4,
+                 fake_lora: dict[str, Any] | None = None,
                  dm_eps: float = 1e-5, regression_steps: int = 0, regression_pairs: int = 10_000,
                  regression_nfe: int = 35, regression_weight: float = 0.0, fake_warmup: int = 0) -> None:
         super().__init__()
@@ -90,7 +92,7 @@ class FDistill(reg.RegressionWarmStart, DistillLoss):
                 raise ConfigError(f"fdistill: {key} must be an integer >= {lo}, got {val!r}")
         parts.check_sigma_config("fdistill", {"dm_sigma": dm_sigma, "fake_sigma": fake_sigma}, t_min, t_max,
                                  num_levels, p_std)
-        parts.check_fake_config("fdistill", fake_init, fake_hidden, fake_depth)
+        self.fake_lora = parts.check_fake_config("fdistill", fake_init, fake_hidden, fake_depth, fake_lora)
         self.init_regression("fdistill", regression_steps, regression_pairs, regression_nfe, regression_weight,
                              fake_warmup, guidance)
         if guidance < 0 or disc_weight <= 0 or gan_weight < 0:
@@ -127,7 +129,8 @@ class FDistill(reg.RegressionWarmStart, DistillLoss):
             raise ConfigError(f"fdistill: guidance={self.guidance} needs a class-conditional teacher; this "
                               f"{type(teacher).__name__} is unconditional (use guidance=1.0)")
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
-                                           depth=self.fake_depth, guidance=self.guidance, owner="fdistill")
+                                           depth=self.fake_depth,
+                                           lora=self.fake_lora, guidance=self.guidance, owner="fdistill")
         head, tap = parts.build_gan_head(self.fake, teacher.data_shape, getattr(teacher, "num_classes", None),
                                          ctx.device, ctx.dtype, "fdistill")
         self.disc = RatioHead(head, tap, self.fake)

@@ -89,6 +89,8 @@ class SiD(reg.RegressionWarmStart, DistillLoss):
         fake_sigma, p_mean, p_std: the fake score's DSM density (SiD: EDM log-normal -1.2, 1.2).
         fake_init, fake_hidden, fake_depth: :func:`losses.parts.build_fake_score` (SiD: ``"teacher"``; ``"residual"``
             for analytic teachers).
+        fake_lora: a LoRA spec (``students.lora``) for a ``"teacher"`` fake: a LoRA critic on the shared, frozen
+            teacher network (:func:`losses.parts.build_fake_score`); ``None``: a full trainable copy.
         norm_eps: floor of the per-sample weight's denominator (SiD's code: 1e-5).
         gan_weight: SiDA's generator adversarial weight (0: SiD, no GAN head, data-free).
         gan_critic_weight: weight of the GAN classifier loss in the critic update.
@@ -104,7 +106,8 @@ class SiD(reg.RegressionWarmStart, DistillLoss):
     def __init__(self, alpha: float = 1.2, init_sigma: float | None = 2.5, critic_updates: int = 1,
                  sid_sigma: str = "grid", t_min: float = 0.2, t_max: float = 1.0, num_levels: int = 1000,
                  fake_sigma: str = "lognormal", p_mean: float = -1.2, p_std: float = 1.2, fake_init: str = "teacher",
-                 fake_hidden: int = 256, fake_depth: int = 4, norm_eps: float = 1e-5, gan_weight: float = 0.0,
+                 fake_hidden: int = 256, fake_depth: int = 4,
+                 fake_lora: dict[str, Any] | None = None, norm_eps: float = 1e-5, gan_weight: float = 0.0,
                  gan_critic_weight: float = 1e-2, regression_steps: int = 0, regression_pairs: int = 10_000,
                  regression_nfe: int = 35, regression_weight: float = 0.0, fake_warmup: int = 0) -> None:
         super().__init__()
@@ -117,7 +120,7 @@ class SiD(reg.RegressionWarmStart, DistillLoss):
                               f"{gan_critic_weight}, {norm_eps}")
         parts.check_sigma_config("sid", {"sid_sigma": sid_sigma, "fake_sigma": fake_sigma}, t_min, t_max, num_levels,
                                  p_std)
-        parts.check_fake_config("sid", fake_init, fake_hidden, fake_depth)
+        self.fake_lora = parts.check_fake_config("sid", fake_init, fake_hidden, fake_depth, fake_lora)
         self.init_regression("sid", regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup)
         self.alpha, self.critic_updates, self.norm_eps = float(alpha), int(critic_updates), float(norm_eps)
         self.init_sigma = None if init_sigma is None else float(init_sigma)
@@ -146,7 +149,7 @@ class SiD(reg.RegressionWarmStart, DistillLoss):
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score (and GAN head) on ``ctx.device``, and the two noise-level samplers."""
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
-                                           depth=self.fake_depth, owner="sid")
+                                           depth=self.fake_depth, lora=self.fake_lora, owner="sid")
         if self.gan_weight > 0:
             k = getattr(teacher, "num_classes", None)
             self.gan_head, self._tap = parts.build_gan_head(self.fake, teacher.data_shape, k, ctx.device, ctx.dtype,

@@ -82,6 +82,8 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
             SiD's ``t ~ U[0, 800/1000]`` counted from ``sigma_min``, i.e. fraction ``[0.2, 1.0]`` from ``sigma_max``).
         p_mean, p_std: the log-normal density's parameters.
         fake_init, fake_hidden, fake_depth: :func:`losses.parts.build_fake_score` (``"residual"`` for exact teachers).
+        fake_lora: a LoRA spec (``students.lora``) for a ``"teacher"`` fake: a LoRA critic on the shared, frozen
+            teacher network (:func:`losses.parts.build_fake_score`); ``None``: a full trainable copy.
         regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup: DMD2's warm start
             (:class:`losses.parts.regression.RegressionWarmStart`; not in SIM, off by default).
     """
@@ -93,7 +95,8 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
     def __init__(self, distance: str = "pseudo_huber", huber_c: float = 1e-3, guidance: float = 1.0,
                  critic_updates: int = 1, sim_sigma: str = "grid", fake_sigma: str = "grid", t_min: float = 0.2,
                  t_max: float = 1.0, num_levels: int = 1000, p_mean: float = -1.2, p_std: float = 1.2,
-                 fake_init: str = "teacher", fake_hidden: int = 256, fake_depth: int = 4, regression_steps: int = 0,
+                 fake_init: str = "teacher", fake_hidden: int = 256, fake_depth: int = 4,
+                 fake_lora: dict[str, Any] | None = None, regression_steps: int = 0,
                  regression_pairs: int = 10_000, regression_nfe: int = 35, regression_weight: float = 0.0,
                  fake_warmup: int = 0) -> None:
         super().__init__()
@@ -105,7 +108,7 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
             raise ConfigError(f"sim: critic_updates must be an integer >= 1, got {critic_updates!r}")
         parts.check_sigma_config("sim", {"sim_sigma": sim_sigma, "fake_sigma": fake_sigma}, t_min, t_max, num_levels,
                                  p_std)
-        parts.check_fake_config("sim", fake_init, fake_hidden, fake_depth)
+        self.fake_lora = parts.check_fake_config("sim", fake_init, fake_hidden, fake_depth, fake_lora)
         self.init_regression("sim", regression_steps, regression_pairs, regression_nfe, regression_weight, fake_warmup,
                              guidance)
         self.distance, self.huber_c, self.guidance = distance, float(huber_c), float(guidance)
@@ -127,7 +130,8 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
         if self.guidance != 1.0 and getattr(teacher, "num_classes", None) is None:
             raise ConfigError(f"sim: guidance={self.guidance} needs a class-conditional teacher")
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
-                                           depth=self.fake_depth, guidance=self.guidance, owner="sim")
+                                           depth=self.fake_depth,
+                                           lora=self.fake_lora, guidance=self.guidance, owner="sim")
         lo, hi = teacher.sigma_min, teacher.sigma_max
         self._sim_sigma = parts.SigmaSampler(self.sim_sigma, lo, hi, **self.sigma_kw)
         self._fake_sigma = parts.SigmaSampler(self.fake_sigma, lo, hi, **self.sigma_kw)

@@ -27,7 +27,7 @@ import copy
 import math
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill.core.precond import cm_scalings, edm_scalings
 from distill.core.registry import ConfigError, Registry
@@ -35,6 +35,7 @@ from teachers.base import Teacher
 
 from .backbones import Backbone, build_backbone, clean_unet_config
 from .base import FlowMapStudent
+from .lora import add_lora, base_name, check_lora_spec, lora_param_names
 from .nets import RawFn
 from .precond import DenoiserPrecond, build_precond
 
@@ -67,7 +68,17 @@ class _Student(FlowMapStudent):
         backbone: the backbone spec (:mod:`students.backbones`).
         precond: the parameterisation spec ``{"family", "prediction_type"[, "scheduler"]}``
             (:mod:`students.precond`); EDM F-prediction when omitted.
+        lora: a LoRA spec (:mod:`students.lora`): the backbone's network gets peft adapters and only they train.
+
+    Attributes:
+        frozen_state_keys: state-dict keys (relative to the student) of frozen base parameters: EMAs share them
+            with the student instead of averaging them (``distill.core.ema``).
+        rebuilt_state_keys: the subset rebuilt from the teacher when a run is built (:func:`build_student`): they
+            are left out of training checkpoints and filled back in on resume (``distill.module``).
     """
+
+    frozen_state_keys: frozenset[str] = frozenset()
+    rebuilt_state_keys: frozenset[str] = frozenset()
 
     #: whether ``F`` takes the target level (flow maps)
     two_levels = False
@@ -82,12 +93,34 @@ class _Student(FlowMapStudent):
         sigma_data: float,
         backbone: dict[str, Any],
         precond: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tuple(data_shape), sigma_min, sigma_max, sigma_data)
         spec = dict(precond if precond is not None else ({"family": self.family} if self.family else FRESH_PRECOND))
         self.precond: DenoiserPrecond = build_precond(self.kind, spec, self.sigma_data, self.sigma_min)
         self.backbone = copy.deepcopy(backbone)
         self.net: Backbone = build_backbone(backbone, self.data_shape, two_levels=self.two_levels)
+        self.lora: dict[str, Any] | None = None
+        if lora is not None:
+            self.enable_lora(lora)
+
+    def lora_net(self) -> nn.Module:
+        """The network LoRA adapters go into: the diffusers model of a UNet backbone, else the backbone itself."""
+        return getattr(self.net, "unet", self.net)
+
+    def lora_prefix(self) -> str:
+        """The student state-dict prefix of :meth:`lora_net`'s keys."""
+        return "net.unet." if hasattr(self.net, "unet") else "net."
+
+    def enable_lora(self, spec: dict[str, Any]) -> None:
+        """Inject LoRA adapters (:func:`students.lora.add_lora`) into :meth:`lora_net` and freeze its base; the spec
+        goes into :meth:`config`, so :func:`build_student_from_config` rebuilds the same adapted structure."""
+        if self.lora is not None:
+            raise ConfigError("this student already has LoRA adapters")
+        self.lora = check_lora_spec(spec)
+        add_lora(self.lora_net(), self.lora)
+        _, base = lora_param_names(self.lora_net())
+        self.frozen_state_keys = frozenset(self.lora_prefix() + n for n in base)
 
     def raw(self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None,
             cond: Tensor | None = None) -> Tensor:
@@ -121,6 +154,7 @@ class _Student(FlowMapStudent):
             "sigma_data": self.sigma_data,
             "backbone": copy.deepcopy(self.backbone),
             "precond": self.precond.config(),
+            **({"lora": copy.deepcopy(self.lora)} if self.lora is not None else {}),
         }
 
 
@@ -234,7 +268,11 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
             ``TEACHER_NET_ATTRS`` and weights are read).
         init: ``"teacher"`` copies the teacher's network and parameterisation; ``"fresh"`` builds an
             EDM-preconditioned MLP.
-        **kwargs: fresh-MLP hyper-parameters (``hidden``, ``depth``, ``emb_dim``, ``max_freq``).
+        **kwargs: fresh-MLP hyper-parameters (``hidden``, ``depth``, ``emb_dim``, ``max_freq``), and ``lora`` (any
+            init): a LoRA spec (:mod:`students.lora`). A LoRA teacher copy trains only its adapters (and any layer
+            the teacher does not have, such as a flow map's target-level embedding); its frozen base weights are
+            the teacher's, listed in ``rebuilt_state_keys`` (rebuilt from the teacher, not checkpointed). A LoRA
+            fresh MLP freezes its random base, which then stays in checkpoints.
     Returns:
         the student, in ``train()`` mode, on the teacher's device (CPU for network-free teachers), in float32.
     """
@@ -246,17 +284,21 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
         sigma_max=info.sigma_max,
         sigma_data=info.sigma_data,
     )
+    lora = kwargs.pop("lora", None)
+    if lora is not None:
+        lora = check_lora_spec(lora)
     if init == "fresh":
         unknown = sorted(set(kwargs) - set(MLP_KEYS))
         if unknown:
-            raise ConfigError(f"unknown student key(s) {unknown} for init: fresh; valid keys: {', '.join(MLP_KEYS)}")
+            raise ConfigError(f"unknown student key(s) {unknown} for init: fresh; valid keys: "
+                              f"{', '.join([*MLP_KEYS, 'lora'])}")
         backbone = {"type": "mlp", "dim": math.prod(info.data_shape), **MLP_KEYS, **kwargs,
                     "num_classes": info.num_classes}
-        return cls(backbone=backbone, **common)
+        return cls(backbone=backbone, lora=lora, **common)
     if init != "teacher":
         raise ConfigError(f"unknown student init {init!r}; valid inits: {', '.join(INITS)}")
     if kwargs:
-        raise ConfigError(f"student init: teacher takes no extra keys, got {sorted(kwargs)} (MLP keys "
+        raise ConfigError(f"student init: teacher takes only the key lora, got {sorted(kwargs)} (MLP keys "
                           f"{', '.join(MLP_KEYS)} need init: fresh)")
     if not _has_network(teacher):
         raise ConfigError(f"student init: teacher copies the teacher's network, but {type(teacher).__name__} has no "
@@ -271,6 +313,16 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
             raise RuntimeError(f"teacher weights do not fit the flow-map UNet: {stray[:5]}")
     else:
         student.net.unet.load_state_dict(src, strict=True)
+    if lora is not None:
+        student.enable_lora(lora)
+        # Base weights copied from the teacher stay frozen and are rebuilt from it; layers the teacher lacks (the
+        # flow map's target-level embedding) have no copy to rebuild from, so they train and are checkpointed.
+        prefix = student.lora_prefix()
+        params = dict(student.named_parameters())
+        rebuilt = {k for k in student.frozen_state_keys if base_name(k[len(prefix):]) in src}
+        for k in student.frozen_state_keys - rebuilt:
+            params[k].requires_grad_(True)
+        student.frozen_state_keys = student.rebuilt_state_keys = frozenset(rebuilt)
     return student.to(next(teacher.net.parameters()).device).train()
 
 

@@ -12,10 +12,15 @@ computed from the update counter, with ``w_0 = 1`` (the first update copies). Un
 ``AveragedModel.update_parameters`` (which branches on ``n_averaged == 0`` in Python), this never reads the counter
 on the host, so an EMA update does not synchronise the GPU. The state dict (``module.*``, ``n_averaged``) is
 ``AveragedModel``'s. :func:`reset_ema` restarts the average from the current weights at the next update.
+
+Frozen parameters are not averaged: a network that names them in ``frozen_state_keys`` (a LoRA student's base
+weights, ``students.lora``) shares those very ``Parameter`` objects with its EMA copy, so the EMA holds and moves
+only the trainable (adapter) tensors and costs no second copy of the base.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,9 +69,15 @@ class EMA(AveragedModel):
     (:func:`ema_policy`); parameters and floating buffers are averaged, other buffers copied."""
 
     def __init__(self, module: nn.Module, policy: Mapping[str, Any]) -> None:
-        super().__init__(module, use_buffers=True)
+        frozen = frozenset(getattr(module, "frozen_state_keys", ()))
+        if not frozen:
+            super().__init__(module, use_buffers=True)
+        else:  # copy all but the frozen parameters, which the copy shares with ``module`` (deepcopy's memo)
+            super().__init__(nn.Identity(), use_buffers=True)
+            memo = {id(p): p for name, p in module.named_parameters() if name in frozen}
+            self.module = copy.deepcopy(module, memo)
         self.policy = dict(policy)
-        self.requires_grad_(False)
+        self.requires_grad_(False)  # (the shared parameters are frozen already)
 
     def weight(self, n_averaged: Tensor) -> Tensor:
         """``w_t`` as a float32 device tensor: 1 at ``t = 0``; then ``1 - mu`` (exp) or
@@ -82,8 +93,9 @@ class EMA(AveragedModel):
         theirs = [*model.parameters(), *model.buffers()]
         if len(mine) != len(theirs):
             raise ValueError(f"EMA of a network with {len(mine)} tensors updated from one with {len(theirs)}")
-        floats = [(a, b.detach()) for a, b in zip(mine, theirs) if a.is_floating_point()]
-        for a, b in zip(mine, theirs):
+        pairs = [(a, b) for a, b in zip(mine, theirs) if a is not b]  # shared (frozen) tensors need no update
+        floats = [(a, b.detach()) for a, b in pairs if a.is_floating_point()]
+        for a, b in pairs:
             if not a.is_floating_point():
                 a.copy_(b)
         if floats:

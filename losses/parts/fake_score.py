@@ -9,11 +9,17 @@ constructions (:data:`FAKE_INITS`):
 * ``"fresh"``: an EDM-preconditioned MLP (a fresh generator-kind student, whose ``denoise(x, sigma)`` is
   ``c_skip x + c_out F(c_in x, c_noise)``), for low-dimensional teachers without a network;
 * ``"residual"``: the teacher plus a zero-initialised MLP correction, :class:`ResidualFakeScore`.
+
+A ``"teacher"`` fake may be a **LoRA critic** (``lora``: a :mod:`students.lora` spec, the losses' ``fake_lora``): the
+copy shares the teacher's frozen weights (no second copy of the network) and trains only peft adapters, whose
+``B = 0`` start makes it exactly the teacher at init; its base is rebuilt from the teacher, never checkpointed
+(``rebuilt_state_keys``, as for LoRA students).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +28,7 @@ from distill.core.conversions import append_dims
 from distill.core.precond import edm_scalings
 from distill.core.registry import ConfigError
 from students import build_student
+from students.lora import add_lora, check_lora_spec, lora_param_names
 
 from .functional import dsm_loss
 
@@ -65,16 +72,24 @@ class ResidualFakeScore(nn.Module):
         return base + delta
 
 
-def check_fake_config(owner: str, init: str, hidden: int, depth: int) -> None:
-    """One-line :class:`ConfigError` for an unknown ``fake_init`` or a bad MLP size."""
+def check_fake_config(owner: str, init: str, hidden: int, depth: int, lora: Any = None) -> dict[str, Any] | None:
+    """One-line :class:`ConfigError` for an unknown ``fake_init``, a bad MLP size or a bad ``fake_lora`` spec;
+    returns the completed LoRA spec (``None`` without one)."""
     if init not in FAKE_INITS:
         raise ConfigError(f"{owner}: unknown fake_init {init!r}; valid: {', '.join(FAKE_INITS)}")
     if hidden < 1 or depth < 1:
         raise ConfigError(f"{owner}: fake_hidden and fake_depth must be >= 1, got {hidden}, {depth}")
+    if lora is None:
+        return None
+    if init != "teacher":
+        raise ConfigError(f"{owner}: fake_lora puts adapters on the teacher's network; it needs fake_init='teacher', "
+                          f"got {init!r}")
+    return check_lora_spec(dict(lora) if hasattr(lora, "items") else lora, owner=f"{owner} fake")
 
 
 def build_fake_score(init: str, teacher: nn.Module, device: torch.device, dtype: torch.dtype, *, hidden: int = 256,
-                     depth: int = 4, guidance: float = 1.0, owner: str = "fake score") -> nn.Module:
+                     depth: int = 4, guidance: float = 1.0, owner: str = "fake score",
+                     lora: dict[str, Any] | None = None) -> nn.Module:
     """A trainable fake score with ``denoise(x [B, ...], sigma [B], cond) -> [B, ...]``, in ``train()`` mode.
 
     Args:
@@ -84,11 +99,22 @@ def build_fake_score(init: str, teacher: nn.Module, device: torch.device, dtype:
         hidden, depth: the MLP's width and number of hidden layers (``"fresh"``, ``"residual"``).
         guidance: the teacher's guidance weight (``"residual"``).
         owner: the loss's name, for error messages.
+        lora: a LoRA spec (``"teacher"`` only): a LoRA critic on the teacher's shared, frozen network.
     """
     if init == "teacher":
         if not any(True for _ in teacher.parameters()):
             raise ConfigError(f"{owner}: fake_init='teacher' copies the teacher's network, but this "
                               f"{type(teacher).__name__} has none (an analytic teacher); use fake_init='fresh'")
+        if lora is not None:
+            if not hasattr(teacher, "net"):
+                raise ConfigError(f"{owner}: fake_lora needs a teacher with a network (.net), got "
+                                  f"{type(teacher).__name__}")
+            # share the teacher's (frozen) parameters instead of copying them; adapters are the only new tensors
+            fake = copy.deepcopy(teacher, {id(p): p for p in teacher.parameters()}).to(device=device)
+            add_lora(fake.net, check_lora_spec(lora, owner=f"{owner} fake"))
+            base = frozenset(f"net.{n}" for n in lora_param_names(fake.net)[1])
+            fake.frozen_state_keys = fake.rebuilt_state_keys = base
+            return fake.train()
         fake = copy.deepcopy(teacher).to(device=device)
         fake.requires_grad_(True)
         return fake.train()
