@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="resume from OUT_DIR/checkpoints/last.ckpt (or the given checkpoint)")
     p.add_argument("--no-final-eval", action="store_true", help="skip the final fixed-NFE evaluation")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything, print the peak-memory estimate (weights, gradients, optimizer state, "
+                        "activations probed at two small batches) and write OUT_DIR/memory_estimate.json; no training")
 
     p = sub.add_parser("eval", help="FID-vs-NFE table of the teacher's solvers (or of an exported student)",
                        epilog=EPILOG)
@@ -88,6 +91,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distill.train import run_training
 
     cfg = _cfg(args)
+    if args.dry_run:
+        from distill.memory import estimate_memory, format_estimate
+
+        est = estimate_memory(cfg)
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory_estimate.json").write_text(json.dumps({"config": to_container(cfg), **est}, indent=1))
+        print(f"distill train --dry-run: {cfg.name}\n{format_estimate(est)}\nwritten: {out / 'memory_estimate.json'}")
+        return 0
     print(f"distill train: {cfg.name} -> {cfg.out_dir}")
     print(json.dumps(to_container(cfg), indent=1))
     res = run_training(cfg, resume=args.resume, final_eval=not args.no_final_eval)
