@@ -6,6 +6,8 @@ The estimate is the sum of
   networks (fake score, discriminator heads, adaptive weights), counted once per storage;
 * **optimizer state**: the state tensors the run's optimizers actually hold after one iteration (Adam: two moments
   per trainable parameter);
+* **runtime overhead** (CPU): what a training iteration adds to the process's resident memory besides tensors
+  (kernel and thread-pool buffers, autograd bookkeeping, allocator slack), measured on the first probe;
 * **step memory**: every tensor created during training iterations - activations saved for backward, gradients
   (all phases' gradients: ``set_to_none`` frees a phase's gradients only when that phase runs again), the teacher's
   and critics' no-grad evaluations, backward's temporaries - tracked live, per storage, by a
@@ -14,8 +16,8 @@ The estimate is the sum of
   sizes (after one warm-up iteration that creates the optimizer state) and extrapolates the peak linearly to the
   configured batch, ``S(B) = a + b B``; the part of ``a`` that is gradients is shown separately.
 
-What it leaves out: the allocator's slack (freed memory a CPU allocator keeps), the framework's own footprint (the
-CUDA context, the Python process and its libraries) and anything not linear in the batch. ``scripts/bench_memory.py``
+What it leaves out: the framework's own footprint (the CUDA context, the Python process and its libraries), the
+allocator slack that grows with the batch, and anything not linear in the batch. ``scripts/bench_memory.py``
 compares the estimate with the measured peak and reports the gap. A dry run builds everything a run builds (a loss
 that generates teacher pairs in ``prepare`` generates them) and costs a few small iterations.
 """
@@ -108,9 +110,14 @@ def _cycle(module: Any) -> int:
     return max(1, k)
 
 
-def _probe(cfg: Any, batch_size: int) -> tuple[Any, list[int]]:
+def _probe(cfg: Any, batch_size: int) -> tuple[Any, list[int], int]:
     """Build ``cfg`` at ``batch_size``, run one warm-up cycle, then probe the next cycle. Returns ``(module, live
-    bytes after each operator)``."""
+    bytes after each operator, runtime overhead)``: the overhead is the process's resident-memory growth over the
+    two cycles that is not tensors (the optimizer state and the probed tensor peak are subtracted): kernel and
+    thread-pool buffers, autograd bookkeeping, allocator slack at this batch (CPU; 0 elsewhere or where
+    ``/proc`` is missing)."""
+    import resource
+
     from distill.train import build_module
 
     cfg = copy.deepcopy(cfg)
@@ -119,13 +126,18 @@ def _probe(cfg: Any, batch_size: int) -> tuple[Any, list[int]]:
     module.prepare()
     optimizers = module.configure_optimizers()[0]
     cycle = _cycle(module)
+    rss0 = _rss_bytes()
     for _ in range(cycle):  # creates the optimizer state (and any lazy buffers) outside the probe
         module.iterate()
     existing = [*_module_tensors(module), *_module_tensors(module.loss), *_optimizer_tensors(optimizers)]
     with LiveTensorProbe({_storage_key(t) for t in existing}) as probe:
         for _ in range(cycle):
             module.iterate()
-    return module, probe.timeline
+    overhead = 0
+    if rss0 and next(module.student.parameters()).device.type == "cpu":
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        overhead = max(0, grown - storage_bytes(_optimizer_tensors(optimizers)) - max(probe.timeline, default=0))
+    return module, probe.timeline, overhead
 
 
 def extrapolate_peak(t1: list[int], t2: list[int], b1: int, b2: int, batch: int) -> tuple[float, float, float]:
@@ -152,7 +164,7 @@ def estimate_memory(cfg: Any, probe_batches: tuple[int, int] = (2, 4)) -> dict[s
     ``weights`` (by network), ``optimizer``, ``gradients`` (part of the step memory), ``step`` (``total``,
     ``per_sample``, ``fixed``, the probe peaks), ``total``, ``batch_size`` and ``trainable_parameters``."""
     b1, b2 = (int(b) for b in probe_batches)
-    module, t1 = _probe(cfg, b1)
+    module, t1, overhead = _probe(cfg, b1)  # first: the overhead reads this process's peak resident memory
     t2 = _probe(cfg, b2)[1]
     weights: dict[str, int] = {}
     counted: set[tuple[str, int]] = set()
@@ -175,7 +187,8 @@ def estimate_memory(cfg: Any, probe_batches: tuple[int, int] = (2, 4)) -> dict[s
         "gradients": int(sum(p.numel() * p.element_size() for p in trainable.values())),
         "step": {"total": step, "per_sample": per_sample, "fixed": fixed,
                  "probes": {str(b1): max(t1, default=0), str(b2): max(t2, default=0)}, "operators": [len(t1), len(t2)]},
-        "total": int(sum(weights.values()) + optimizer + step),
+        "runtime_overhead": int(overhead),
+        "total": int(sum(weights.values()) + optimizer + step + overhead),
     }
 
 
@@ -187,12 +200,14 @@ def format_estimate(est: dict[str, Any]) -> str:
     """A few human lines of :func:`estimate_memory`'s result."""
     w, step = est["weights"], est["step"]
     return "\n".join([
-        f"memory estimate at batch {est['batch_size']} (peak tensor memory, without allocator slack and the "
-        f"framework's own footprint):",
+        f"memory estimate at batch {est['batch_size']} (peak of a training iteration, without the process's and "
+        f"libraries' own footprint):",
         "  weights      " + ", ".join(f"{k} {_mb(v)}" for k, v in w.items()) + f"  (sum {_mb(sum(w.values()))})",
         f"  optimizer    {_mb(est['optimizer'])}  ({est['trainable_parameters']:,} trainable parameters)",
         f"  step         {_mb(step['total'])}  = {_mb(step['per_sample'])} per sample + {_mb(step['fixed'])} fixed "
         f"(of which gradients {_mb(est['gradients'])}); probed at batch {', '.join(step['probes'])}",
+        f"  runtime      {_mb(est['runtime_overhead'])}  (non-tensor growth of a training iteration, measured at "
+        f"batch {next(iter(step['probes']))}; CPU only)",
         f"  total        {_mb(est['total'])}",
     ])
 
