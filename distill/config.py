@@ -24,6 +24,7 @@ __all__ = [
     "EvalConfig",
     "SamplingConfig",
     "EMAConfig",
+    "ModelConfig",
     "RunConfig",
     "load_config",
     "to_container",
@@ -125,6 +126,23 @@ class EMAConfig:
 
 
 @dataclass
+class ModelConfig:
+    """How the networks run: the ecosystem's memory knobs, used through diffusers and accelerate
+    (:mod:`distill.model_options`).
+
+    ``attention``: ``sdpa`` (PyTorch's scaled-dot-product attention, diffusers' default) or ``xformers`` (diffusers'
+    ``enable_xformers_memory_efficient_attention``: needs the xformers extra and a CUDA device; not with forward-mode
+    JVP losses). ``gradient_checkpointing``: diffusers' ``enable_gradient_checkpointing`` on the student's network
+    (not with forward-mode JVP losses). ``teacher_offload``: ``none`` or ``cpu`` (accelerate's ``cpu_offload``: the
+    frozen teacher's weights stay in host memory and are streamed to the GPU layer by layer; needs a CUDA device).
+    """
+
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = False
+    teacher_offload: str = "none"
+
+
+@dataclass
 class RunConfig:
     """A whole experiment: teacher + student + loss + data + optimisation + trainer + evaluation."""
 
@@ -140,6 +158,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 def _one_line(exc: BaseException) -> str:

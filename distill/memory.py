@@ -173,6 +173,9 @@ def estimate_memory(cfg: Any, probe_batches: tuple[int, int] = (2, 4)) -> dict[s
         tensors = _module_tensors(net)
         weights[name] = storage_bytes(tensors, exclude=counted)
         counted |= {_storage_key(t) for t in tensors}
+    host = {}
+    if str(cfg.model.teacher_offload) == "cpu":  # accelerate's cpu_offload keeps the teacher in host memory
+        host["teacher"] = weights.pop("teacher")
     optimizers = [po.optimizer for po in module._optims.values()]
     trainable = {_storage_key(p): p for po in module._optims.values() for p in po.params}
     batch = int(cfg.data.batch_size)
@@ -182,6 +185,7 @@ def estimate_memory(cfg: Any, probe_batches: tuple[int, int] = (2, 4)) -> dict[s
     return {
         "batch_size": batch,
         "weights": weights,
+        "host": host,
         "trainable_parameters": int(sum(p.numel() for p in trainable.values())),
         "optimizer": int(optimizer),
         "gradients": int(sum(p.numel() * p.element_size() for p in trainable.values())),

@@ -140,6 +140,10 @@ class DistillModule(L.LightningModule):
         self.loss.to(next(self.student.parameters()).device)
         for prov in self.providers.values():
             prov.prepare(next(self.student.parameters()).device, self.global_rank)
+        if (self.run_config.get("model") or {}).get("teacher_offload") == "cpu":  # after the loss copied the teacher
+            from distill.model_options import offload_teacher
+
+            offload_teacher(self.teacher, next(self.student.parameters()).device)
         self._prepared = True
 
     def setup(self, stage: str) -> None:

@@ -41,6 +41,10 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any, Any]:
     if tuple(student.data_shape) != tuple(teacher.data_shape):
         raise ConfigError(f"student data shape {list(student.data_shape)} does not match the teacher's "
                           f"{list(teacher.data_shape)}")
+    from distill.model_options import apply_model_options, check_model_options
+
+    check_model_options(cfg.model, loss, str(cfg.trainer.accelerator))
+    apply_model_options(cfg.model, teacher, student)
     return teacher, student, loss
 
 

@@ -187,6 +187,13 @@ class DistillLoss(nn.Module):
         """Phase -> run it on iterations where ``k % every == 0`` (DMD2: critic 1, student 5)."""
         return {p: 1 for p in self.phases}
 
+    @property
+    def uses_forward_ad(self) -> bool:
+        """Whether a step differentiates a network in forward mode (``torch.func.jvp``: sCM, MeanFlow and AYF with
+        ``jvp: autograd``). Attention kernels without forward-mode AD (xformers) and activation checkpointing cannot
+        run under it; :mod:`distill.model_options` refuses those combinations."""
+        return getattr(self, "jvp_method", None) == "autograd"
+
     def phases_for_step(self, step: int) -> list[str]:
         """The phases iteration ``step`` runs, in order (a pure function of ``step``: resume relies on it)."""
         every = self.update_every()
