@@ -142,6 +142,7 @@ def export_latent_pipeline(student: Any, folder: Path, sampling: dict[str, Any],
         record.update(scheduler="FlowMatchEulerDiscreteScheduler", sigmas=ts,
                       levels={k: list(v) + [0.0] for k, v in levels.items()},
                       latents_scale=ts[min(ts, key=int)][0] if ts else None)
+    record["no_t5"] = kind == "sd3" and not (src / "text_encoder_3").is_dir()
     record["exact_multistep"] = gamma == 1.0 or (want == "flow" and gamma == 0.0)
     folder.mkdir(parents=True)
     for comp, spec in index.items():
@@ -181,12 +182,15 @@ def export_latent_pipeline(student: Any, folder: Path, sampling: dict[str, Any],
 
 def _card(pipeline: str, rec: dict[str, Any], wrapped: str | None, net_sub: str, gamma: float) -> str:
     trust = ", trust_remote_code=True" if wrapped else ""
+    if pipeline == "StableDiffusion3Pipeline" and rec.get("no_t5"):
+        trust += ", text_encoder_3=None, tokenizer_3=None"
     lines = [f"`diffusers/` loads in diffusers' `{pipeline}` with `{rec['scheduler']}`:\n",
              f"```python\nfrom diffusers import {pipeline}\n"
              f"pipe = {pipeline}.from_pretrained('<this folder>/diffusers'{trust})\n```\n"]
     if wrapped:
-        lines.append(f"`{net_sub}/` is `{wrapped}` (`{net_sub}/{MODEL_FILE}.py`, plain diffusers + torch): the student's "
-                     "weights with its consistency boundary folded into the output, because the scheduler's own "
+        lines.append(f"`{net_sub}/` is `{wrapped}` (`{net_sub}/{MODEL_FILE}.py`, plain diffusers + torch): the "
+                     "student's weights with its consistency boundary folded into the output, because the "
+                     "scheduler's own "
                      "boundary scalings cannot express it; hence `trust_remote_code=True`.\n")
     guidance = "`guidance_scale=1.0` (the student is unguided: guidance, if any, was distilled into it)"
     if pipeline == "DiTPipeline":
@@ -204,6 +208,9 @@ def _card(pipeline: str, rec: dict[str, Any], wrapped: str | None, net_sub: str,
         lines.append(f"Pass {guidance} and the sigmas below (`pipe(prompt, sigmas=[...], guidance_scale=1.0)`):\n")
         for k, s in rec["sigmas"].items():
             lines.append(f"- {k} NFE: `sigmas={[round(v, 6) for v in s]}`")
+    if pipeline == "StableDiffusion3Pipeline" and rec["exact_multistep"]:
+        lines.append("\n`StableDiffusion3Pipeline` does not pass its `generator` to the scheduler: the re-noising "
+                     "of multi-step stochastic sampling draws from torch's global RNG (`torch.manual_seed`).")
     if rec.get("latents_scale") is not None:
         lines.append(f"\nThe toolkit's noise `z` is the pipeline's `latents={rec['latents_scale']:.6g} * z` (the VE "
                      "start `sigma_max z` in the pipeline's coordinates).")
