@@ -11,6 +11,11 @@ The folder holds
 * ``diffusers/`` — for a pixel consistency student of an EDM teacher, a folder that diffusers'
   ``ConsistencyModelPipeline`` loads (``unet/`` + ``scheduler/`` with ``CMStochasticIterativeScheduler``; a LoRA
   student's adapters merged in);
+* ``diffusers/`` — for a generator or consistency student of a latent teacher (SD, SDXL, DiT, SD3 folders), the
+  teacher's pipeline folder with the student's network and a scheduler that reproduces the toolkit's sampler
+  (:mod:`distill.export_pipelines`; ``sampling.json``'s ``pipeline`` record has the timesteps/sigmas per NFE);
+* ``vae/`` and ``prompts.safetensors`` — for a latent teacher's student, what ``distill sample/eval --student``
+  need to decode and to draw the teacher's prompts without the teacher;
 * ``lora/`` — for a LoRA student (``students.lora``), the adapter alone (:func:`export_lora_adapter`): a peft
   adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) that ``peft.PeftModel.from_pretrained`` or
   :func:`students.lora.load_adapter` put on the teacher's network, and for a ``UNet2DConditionModel`` the
