@@ -145,11 +145,14 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
 
     teacher = build_teacher(to_container(cfg.teacher))
     scorer = scorer_from_config(teacher, ev)
+    from distill.export_pipelines import exported_eval_kwargs
+
+    latent_kw = exported_eval_kwargs(args.student, sampling)
     rows = []
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
             x, nfe, _ = generate_student(student, int(k), ev.n_samples, seed, plan, batch_size=ev.batch_size,
-                                         num_classes=sampling.get("num_classes"))
+                                         num_classes=sampling.get("num_classes"), **latent_kw)
             rec = scorer(x, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig), seed=seed,
                          guidance=1.0, model=str(args.student))
             rows.append(EvalRow("exported student", "student", "exported", nfe, seed, rec["score"], scorer.metric,
@@ -176,8 +179,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if str(nfe) not in sampling["sigmas"]:
             raise ValueError(f"the export has sampling levels for NFE {sorted(sampling['sigmas'], key=int)}, "
                              f"not {nfe}")
+        from distill.export_pipelines import exported_eval_kwargs
+
         x, measured, _ = generate_student(student, nfe, args.n, args.seed, export_plan(sampling),
-                                          num_classes=sampling.get("num_classes"))
+                                          num_classes=sampling.get("num_classes"),
+                                          **exported_eval_kwargs(args.student, sampling))
         what = f"student {args.student}, {measured} NFE"
     else:
         from distill.config import to_container

@@ -11,6 +11,11 @@ The folder holds
 * ``diffusers/`` — for a pixel consistency student of an EDM teacher, a folder that diffusers'
   ``ConsistencyModelPipeline`` loads (``unet/`` + ``scheduler/`` with ``CMStochasticIterativeScheduler``; a LoRA
   student's adapters merged in);
+* ``diffusers/`` — for a generator or consistency student of a latent teacher (SD, SDXL, DiT, SD3 folders), the
+  teacher's pipeline folder with the student's network and a scheduler that reproduces the toolkit's sampler
+  (:mod:`distill.export_pipelines`; ``sampling.json``'s ``pipeline`` record has the timesteps/sigmas per NFE);
+* ``vae/`` and ``prompts.safetensors`` — for a latent teacher's student, what ``distill sample/eval --student``
+  need to decode and to draw the teacher's prompts without the teacher;
 * ``lora/`` — for a LoRA student (``students.lora``), the adapter alone (:func:`export_lora_adapter`): a peft
   adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) that ``peft.PeftModel.from_pretrained`` or
   :func:`students.lora.load_adapter` put on the teacher's network, and for a ``UNet2DConditionModel`` the
@@ -177,7 +182,6 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
     try:
         save_file({k: v.contiguous() for k, v in standalone.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "student_config.json").write_text(json.dumps(standalone.config(), indent=2))
-        (tmp / "sampling.json").write_text(json.dumps(sampling, indent=2))
         run_dir = ckpt_path.parent.parent
         records: dict[str, Any] = {}
         for name in ("eval.json", "fid_vs_step.json"):
@@ -186,10 +190,24 @@ def export_checkpoint(path: str | Path, out: str | Path, nfes: list[int] | None 
                 records[name.removesuffix(".json")] = json.loads(f.read_text())
         (tmp / "fid.json").write_text(json.dumps(records, indent=1))
         (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2))
+        latent = bool(meta.get("teacher_info", {}).get("extra", {}).get("latent"))
         try:
-            diffusers_note = export_consistency_pipeline(merged, tmp / "diffusers", sampling)
+            if latent:
+                from distill.export_pipelines import export_latent_pipeline
+
+                diffusers_note, sampling["pipeline"] = export_latent_pipeline(merged, tmp / "diffusers", sampling,
+                                                                              cfg)
+            else:
+                diffusers_note = export_consistency_pipeline(merged, tmp / "diffusers", sampling)
         except NotImplementedError as exc:
-            diffusers_note = f"No diffusers pipeline folder was written: {exc}"
+            diffusers_note = f"No diffusers pipeline folder was written: {exc}."
+            print(f"distill export: no diffusers/ pipeline folder: {exc}")
+        if latent:
+            from distill.export_pipelines import write_latent_extras
+            from teachers import build_teacher
+
+            sampling["latent"] = write_latent_extras(build_teacher(dict(cfg["teacher"])), tmp)
+        (tmp / "sampling.json").write_text(json.dumps(sampling, indent=2))
         if lora:
             diffusers_note += "\n" + export_lora_adapter(student.lora_net(), tmp / "lora")
             diffusers_note += (f"\nLoRA: {json.dumps(student.lora)}; the standalone weights here are "
