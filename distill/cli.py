@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--images", action="store_true",
+                   help="also write every sample as OUT/images/NNNNNN.png (a folder eval.reference accepts)")
 
     p = sub.add_parser("export", help="export a run's EMA student as a standalone folder")
     p.add_argument("run", help="run directory (with checkpoints/last.ckpt) or a checkpoint file")
@@ -198,7 +200,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", x.numpy())
     save_sample_figure(x, out / "samples.png", what)
-    print(f"{what}: wrote {out / 'samples.png'} and {out / 'samples.npy'} ({list(x.shape)})")
+    if args.images:
+        from torchvision.utils import save_image
+
+        (out / "images").mkdir(exist_ok=True)
+        for i, img in enumerate(x):
+            save_image((img.float().clamp(-1, 1) + 1) / 2, out / "images" / f"{i:06d}.png")
+    print(f"{what}: wrote {out / 'samples.png'} and {out / 'samples.npy'} ({list(x.shape)})"
+          + (f" and {len(x)} images in {out / 'images'}" if args.images else ""))
     return 0
 
 
