@@ -122,8 +122,8 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score (and GAN head) on ``ctx.device``, and the noise-level samplers."""
-        if self.guidance != 1.0 and getattr(teacher, "num_classes", None) is None:
-            raise ConfigError(f"dmd2: guidance={self.guidance} needs a class-conditional teacher; this "
+        if self.guidance != 1.0 and not getattr(teacher, "conditional", getattr(teacher, "num_classes", None)):
+            raise ConfigError(f"dmd2: guidance={self.guidance} needs a conditional (class or text) teacher; this "
                               f"{type(teacher).__name__} is unconditional (use guidance=1.0)")
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
                                            depth=self.fake_depth,

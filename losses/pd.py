@@ -154,8 +154,9 @@ class ProgressiveDistillation(DistillLoss):
         if self.sigma_min < lo * (1 - 1e-9) or self.sigma_max > hi * (1 + 1e-9):
             raise ConfigError(f"pd: grid [{self.sigma_min}, {self.sigma_max}] leaves the teacher's range [{lo}, {hi}];"
                               f" set loss.sigma_min / loss.sigma_max within it")
-        if self.guidance != 1.0 and getattr(teacher, "num_classes", None) is None:
-            raise ConfigError(f"pd: guidance={self.guidance} needs a class-conditional teacher (use guidance=1.0)")
+        if self.guidance != 1.0 and not getattr(teacher, "conditional", getattr(teacher, "num_classes", None)):
+            raise ConfigError(f"pd: guidance={self.guidance} needs a conditional (class or text) teacher "
+                              "(use guidance=1.0)")
         self.round_teacher = copy.deepcopy(student).requires_grad_(False).eval()
         need = self.num_rounds * self.round_iters
         if ctx.total < need:

@@ -176,6 +176,9 @@ class Reflow(DistillLoss):
 
     # -- setup: buffers (checkpointed) and the teacher's straightness ----------------------------------------
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
+        if getattr(teacher, "conditional", False) and not getattr(teacher, "num_classes", None):
+            raise ConfigError("reflow keeps class labels with its pairs; text-conditional teachers are not supported "
+                              "(use a data-free loss such as cd, dmd2, sid or sim)")
         if abs(teacher.sigma_max - self.sigma_max) > 1e-6 * self.sigma_max:
             raise ConfigError(f"reflow: sigma_max {self.sigma_max} must equal the teacher's ({teacher.sigma_max})")
         total = self.rounds * self.round_iters + self.distill_iters

@@ -127,8 +127,8 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         """Build the fake score on ``ctx.device`` and the two noise-level samplers."""
-        if self.guidance != 1.0 and getattr(teacher, "num_classes", None) is None:
-            raise ConfigError(f"sim: guidance={self.guidance} needs a class-conditional teacher")
+        if self.guidance != 1.0 and not getattr(teacher, "conditional", getattr(teacher, "num_classes", None)):
+            raise ConfigError(f"sim: guidance={self.guidance} needs a conditional (class or text) teacher")
         self.fake = parts.build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, hidden=self.fake_hidden,
                                            depth=self.fake_depth,
                                            lora=self.fake_lora, guidance=self.guidance, owner="sim")

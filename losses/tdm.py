@@ -196,8 +196,9 @@ class TDM(reg.RegressionWarmStart, DistillLoss):
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         if self.sigma_max > teacher.sigma_max * (1 + 1e-6):
             raise ConfigError(f"tdm: sigma_max={self.sigma_max} exceeds the teacher's {teacher.sigma_max}")
-        if self.guidance != 1.0 and getattr(teacher, "num_classes", None) is None:
-            raise ConfigError(f"tdm: guidance={self.guidance} needs a class-conditional teacher (use guidance=1.0)")
+        if self.guidance != 1.0 and not getattr(teacher, "conditional", getattr(teacher, "num_classes", None)):
+            raise ConfigError(f"tdm: guidance={self.guidance} needs a conditional (class or text) teacher "
+                              "(use guidance=1.0)")
         self._tau_min = float(teacher.sigma_min if self.tau_min is None else self.tau_min)
         if not self._tau_min < self.floor:
             raise ConfigError(f"tdm: tau_min={self._tau_min} must be below floor={self.floor}")

@@ -343,3 +343,21 @@ def test_default_sample_cond_keeps_the_label_draws():
     got = Uniform().sample_cond(50, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, torch.randint(7, (50,), generator=torch.Generator().manual_seed(5)))
     assert mixture(means=[[0.0, 0.0]], stds=[1.0]).sample_cond(3) is None
+
+
+def test_guided_losses_accept_a_text_teacher_and_reflow_refuses_it(folders):
+    """A text-conditional teacher is conditional without class labels: the losses with a teacher-guidance option set
+    up with guidance != 1, and reflow (whose pairs keep class labels only) refuses it in one line."""
+    from distill.core.registry import ConfigError
+    from losses import build_loss
+    from losses.base import StepContext
+    from students import build_student
+
+    t = _teacher(folders, "sd")
+    ctx = StepContext(0, 10, torch.device("cpu"), torch.float32)
+    for name, kw in (("dmd2", {"fake_init": "teacher"}), ("sim", {}), ("fdistill", {})):
+        loss = build_loss(name, guidance=3.0, **kw)
+        loss.setup(build_student("generator", t, init="teacher"), t, ctx)  # no "needs a conditional teacher"
+    with pytest.raises(ConfigError, match="text-conditional teachers are not supported") as e:
+        build_loss("reflow").setup(build_student("flowmap", t, init="fresh", hidden=8, depth=1), t, ctx)
+    assert "\n" not in str(e.value)
