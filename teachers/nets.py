@@ -1,4 +1,4 @@
-"""Factories for the small diffusers networks the project trains, ships and tests with (docs/design.md §8)."""
+"""Factories for the small diffusers networks the project trains, ships and tests with (docs/design.md §9)."""
 
 from __future__ import annotations
 
