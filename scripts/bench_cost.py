@@ -2,7 +2,8 @@
 teacher-forward equivalents, network forward calls per update, and the peak memory of training.
 
 For each method (``configs/digits_<method>.yaml``: cd, dmd2, dmd2_gan, sid, sim, fdistill, kd, reflow, pd, tdm, ct,
-scm, meanflow, ayf; ``<method>_fd``: the JVP losses with ``loss.jvp=finite_difference``) a fresh subprocess
+scm, meanflow, ayf, cd_lora; ``<method>_fd``: the JVP losses with ``loss.jvp=finite_difference``; ``dmd2_lora``:
+DMD2 with a rank-8 LoRA student and LoRA critic) a fresh subprocess
 (``--one METHOD``) builds the module as ``distill train`` does (``distill.train.build_module``, ``prepare``,
 ``configure_optimizers``; batch size from the config, 128), with any warm start switched off
 (``loss.regression_steps=0 loss.fake_warmup=0`` where the loss takes them) so the steady-state schedule is timed, and
@@ -65,9 +66,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "scm_fd": ("scm", ["loss.jvp=finite_difference"]),
     "meanflow_fd": ("meanflow", ["loss.jvp=finite_difference"]),
     "ayf_fd": ("ayf", ["loss.jvp=finite_difference"]),
+    # LoRA student and LoRA critic (rank 8) against the full networks
+    "dmd2_lora": ("dmd2", ["student.lora.rank=8", "student.lora.alpha=8", "loss.fake_lora.rank=8",
+                           "loss.fake_lora.alpha=8"]),
 }
 METHODS = ("cd", "dmd2", "dmd2_gan", "sid", "sim", "fdistill", "kd", "reflow", "pd", "tdm", "ct", "scm", "meanflow",
-           "ayf", *VARIANTS)
+           "ayf", "cd_lora", *VARIANTS)
 WARM_START_KEYS = ("regression_steps", "fake_warmup")
 SCHEDULE_SPAN = 1200  # iterations over which the schedule is counted (a multiple of every TTUR ratio up to 6, 8, 10)
 
