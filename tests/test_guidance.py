@@ -1,0 +1,143 @@
+"""Guidance distillation: guidance-conditioned students (the CFG scale as a student input), the per-sample scale drawn
+for every training batch, evaluation at a guidance scale and per-class FID."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill.core.cond import Cond
+from distill.core.registry import ConfigError
+from students import GuidanceEmbedding, build_student, build_student_from_config
+from teachers import DiffusersTeacher, ring
+from teachers.nets import small_unet
+
+torch.set_num_threads(1)
+
+EDM_SCHED = {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+             "prediction_type": "epsilon"}
+
+
+def cond_teacher(seed: int = 0, scale: float = 250.0) -> DiffusersTeacher:
+    """A tiny class-conditional EDM UNet teacher with a null class (label 3 of 4 embeddings), random weights."""
+    torch.manual_seed(seed)
+    net = small_unet(block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=4)
+    with torch.no_grad():  # non-zero everywhere (diffusers zero-inits some convs): equalities are not vacuous
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return DiffusersTeacher(net, EDM_SCHED, null_class=3, edm_timestep_scale=scale)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> DiffusersTeacher:
+    return cond_teacher()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The guidance input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["generator", "consistency", "trigflow"])
+def test_guidance_embedding_is_exactly_zero_at_init_so_the_copy_is_the_teacher_for_any_w(teacher, kind):
+    student = build_student(kind, teacher, guidance_input=True)
+    plain = build_student(kind, teacher)
+    assert student.net.guidance_emb is not None and plain.net.guidance_emb is None
+    x, sigma, y = 2 * torch.randn(3, 1, 8, 8), torch.tensor([0.05, 1.0, 20.0]), torch.tensor([0, 2, 1])
+    ref = plain.denoise(x, sigma, y)
+    for w in (torch.ones(3), torch.tensor([1.0, 2.5, 7.0])):
+        out = student.denoise(x, sigma, Cond(labels=y, guidance=w))
+        assert torch.equal(out, ref)  # bit-exact: the added embedding is 0.0 exactly
+    # ... and it is a real input: once the zero layer moves, the output depends on w
+    with torch.no_grad():
+        student.net.guidance_emb.proj[-1].weight.normal_(0, 0.1)
+    a = student.denoise(x, sigma, Cond(labels=y, guidance=torch.full((3,), 1.0)))
+    b = student.denoise(x, sigma, Cond(labels=y, guidance=torch.full((3,), 3.0)))
+    assert (a - b).abs().max() > 1e-4
+    # the UNet's own state dict is still the teacher's layout (the embedding lives beside it)
+    assert set(student.net.unet.state_dict()) == set(teacher.net.state_dict())
+
+
+def test_guidance_embedding_gets_gradients_at_init(teacher):
+    student = build_student("consistency", teacher, guidance_input={"hidden": 16, "emb_dim": 8})
+    x, sigma, y = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 3.0]), torch.tensor([0, 1])
+    student.denoise(x, sigma, Cond(labels=y, guidance=torch.tensor([1.5, 3.0]))).square().sum().backward()
+    assert student.net.guidance_emb.proj[-1].weight.grad.abs().sum() > 0
+
+
+def test_students_without_guidance_input_reject_a_scale_and_bad_specs_fail(teacher):
+    plain = build_student("generator", teacher)
+    c = Cond(labels=torch.tensor([0, 1]), guidance=torch.tensor([2.0, 2.0]))
+    with pytest.raises(ValueError, match="no guidance input"):
+        plain.denoise(torch.randn(2, 1, 8, 8), torch.ones(2), c)
+    with pytest.raises(ConfigError, match="valid keys: emb_dim, max_freq, hidden, default"):
+        build_student("generator", teacher, guidance_input={"width": 3})
+    with pytest.raises(ConfigError, match="true/false or a dict"):
+        build_student("generator", teacher, guidance_input="yes")
+
+
+def test_missing_scale_means_the_default(teacher):
+    student = build_student("generator", teacher, guidance_input={"default": 2.0})
+    with torch.no_grad():
+        student.net.guidance_emb.proj[-1].weight.normal_(0, 0.1)
+    x, s, y = torch.randn(2, 1, 8, 8), torch.ones(2), torch.tensor([0, 1])
+    torch.testing.assert_close(student.denoise(x, s, y), student.denoise(x, s, Cond(labels=y, guidance=2 * s)),
+                               rtol=0, atol=0)
+
+
+def test_mlp_guidance_input_concatenates_sinusoidal_features():
+    t = ring(conditional=True)
+    student = build_student("consistency", t, init="fresh", guidance_input=True, hidden=16, depth=2)
+    emb = student.net.guidance_emb
+    assert isinstance(emb, GuidanceEmbedding) and emb.proj is None and not list(emb.parameters())
+    assert student.net.mlp[0].in_features == 2 + 64 * 2 + emb.emb_dim
+    x, s, y = torch.randn(4, 2), torch.full((4,), 1.0), torch.tensor([0, 1, 2, 3])
+    a = student.denoise(x, s, Cond(labels=y, guidance=torch.full((4,), 1.0)))
+    b = student.denoise(x, s, Cond(labels=y, guidance=torch.full((4,), 4.0)))
+    assert (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("init", ["fresh", "teacher"])
+def test_guidance_student_config_round_trip(teacher, init):
+    t = ring(conditional=True) if init == "fresh" else teacher
+    kw = {"hidden": 16, "depth": 2} if init == "fresh" else {}
+    student = build_student("consistency", t, init=init, guidance_input={"emb_dim": 8, "hidden": 12}, **kw)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = json.loads(json.dumps(student.config()))
+    assert cfg["backbone"]["guidance"] == {"emb_dim": 8, "max_freq": 4.0, "hidden": 12, "default": 1.0}
+    clone = build_student_from_config(cfg)
+    clone.load_state_dict(student.state_dict(), strict=True)
+    x = torch.randn(3, *student.data_shape)
+    c = Cond(labels=torch.tensor([0, 2, 1]), guidance=torch.tensor([1.0, 2.0, 3.5]))
+    s = torch.tensor([0.3, 2.0, 30.0])
+    assert torch.equal(clone.denoise(x, s, c), student.denoise(x, s, c))
+
+
+def test_jvp_through_the_guidance_conditioned_unet_matches_central_differences():
+    """sCM's raw_fn path: torch.func.jvp with the guidance scale (in cond) closed over, float32 (see
+    tests/test_students.py's UNet jvp test for why edm_timestep_scale 0.25)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    student = build_student("trigflow", cond_teacher(scale=0.25), guidance_input={"hidden": 16})
+    with torch.no_grad():  # make the zero-initialised guidance path act
+        student.net.guidance_emb.proj[-1].weight.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(5)
+    x_in = torch.randn(2, 1, 8, 8, generator=g)
+    primals = (x_in, torch.tensor([0.3, 1.1]))
+    tangents = (torch.randn(x_in.shape, generator=g), torch.tensor([1.0, -0.5]))
+    c = Cond(labels=torch.tensor([0, 2]), guidance=torch.tensor([1.5, 4.0]))
+    fn = student.raw_fn(c)
+    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        out, jvp = torch.func.jvp(fn, primals, tangents)
+        torch.testing.assert_close(out, fn(*primals), rtol=0, atol=1e-6)  # the hook acts inside jvp too
+        other = student.raw_fn(c.replace(guidance=torch.tensor([1.0, 1.0])))(*primals)
+        assert (out - other).abs().max() > 1e-4
+        h = 3e-3
+        fd = (fn(*(p + h * v for p, v in zip(primals, tangents))) - fn(*(p - h * v for p, v in zip(primals, tangents))))
+        fd = fd / (2 * h)
+    assert (jvp - fd).norm() < 1e-3 * jvp.norm(), ((jvp - fd).norm() / jvp.norm()).item()
+    assert not student.net.unet.time_embedding._forward_hooks  # the per-call hook is gone
