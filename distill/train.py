@@ -50,7 +50,8 @@ def build_module(cfg: DictConfig) -> Any:
     teacher, student, loss = build_components(cfg)
     optim = {k: v for k, v in cfg.optim.items()}
     data = {"dataset": cfg.data.name, "batch_size": cfg.data.batch_size, "conditional": cfg.data.conditional,
-            "pair_cache_dir": cfg.data.pair_cache_dir, "out_dir": cfg.out_dir}
+            "pair_cache_dir": cfg.data.pair_cache_dir, "out_dir": cfg.out_dir,
+            "guidance": None if cfg.data.guidance is None else list(cfg.data.guidance)}
     ema = {k: v for k, v in to_container(cfg.ema).items() if v is not None}
     return DistillModule(teacher, student, loss, optim, data=data, ema=ema, max_steps=cfg.trainer.max_steps,
                          seed=cfg.seed, log_every=cfg.trainer.log_every, sampling=sampling_overrides(cfg),

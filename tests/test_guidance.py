@@ -141,3 +141,90 @@ def test_jvp_through_the_guidance_conditioned_unet_matches_central_differences()
         fd = fd / (2 * h)
     assert (jvp - fd).norm() < 1e-3 * jvp.norm(), ((jvp - fd).norm() / jvp.norm()).item()
     assert not student.net.unet.time_embedding._forward_hooks  # the per-call hook is gone
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-sample scale of every training batch (data.guidance)
+# ---------------------------------------------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def ring_guidance_cfg(tmp, steps: int = 4, name: str = "g", **over: str):
+    from distill.config import load_config
+
+    ov = [f"trainer.max_steps={steps}", "eval.every=0", "trainer.grid_every=0", "trainer.progress_bar=false",
+          "trainer.ckpt_every=1000", "data.batch_size=32", "student.hidden=16", "student.depth=2",
+          "loss.num_levels=6", f"out_dir={tmp / name}", "trainer.log_every=1", "teacher.conditional=true",
+          "data.conditional=true", "student.guidance_input=true", "data.guidance=[1.0,4.0]"]
+    ov += [f"{k}={v}" for k, v in over.items()]
+    return load_config(ROOT / "configs" / "ring_cd.yaml", ov)
+
+
+def test_guidance_draw_is_deterministic_per_seed_and_iteration_and_process_count_invariant(tmp_path):
+    from types import SimpleNamespace
+
+    from distill.train import build_module
+
+    module = build_module(ring_guidance_cfg(tmp_path))
+    module.prepare()
+    b = module.make_batch(3)
+    c = b.labels
+    assert isinstance(c, Cond) and c.labels is not None and c.guidance.shape == (32,)
+    assert c.guidance.min() >= 1.0 and c.guidance.max() <= 4.0 and c.guidance.std() > 0.3
+    assert torch.equal(module.make_batch(3).labels.guidance, c.guidance)  # a function of (seed, k): resume is exact
+    assert not torch.equal(module.make_batch(4).labels.guidance, c.guidance)
+    other = build_module(ring_guidance_cfg(tmp_path, seed="1"))
+    other.prepare()
+    assert not torch.equal(other.make_batch(3).labels.guidance, c.guidance)
+    # Two processes get the two halves of the same global draw (labels and scales alike).
+    halves = []
+    for rank in (0, 1):
+        module._trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        halves.append(module.make_batch(3).labels)
+    module._trainer = None
+    torch.testing.assert_close(torch.cat([h.guidance for h in halves]), c.guidance, rtol=0, atol=0)
+    assert torch.equal(torch.cat([h.labels for h in halves]), c.labels)
+
+
+def test_guidance_range_config_errors(tmp_path):
+    from distill.train import build_module
+
+    with pytest.raises(ConfigError, match="student.guidance_input"):
+        build_module(ring_guidance_cfg(tmp_path, **{"student.guidance_input": "false"}))
+    with pytest.raises(ConfigError, match="drop loss.guidance"):
+        build_module(ring_guidance_cfg(tmp_path, **{"loss.guidance": "2.0"}))
+    with pytest.raises(ConfigError, match="w_min <= w_max"):
+        build_module(ring_guidance_cfg(tmp_path, **{"data.guidance": "[3.0,1.0]"}))
+    with pytest.raises(ConfigError, match="no condition"):  # an unconditional batch has nothing to guide
+        m = build_module(ring_guidance_cfg(tmp_path, **{"data.conditional": "false"}))
+        m.prepare()
+        m.make_batch(0)
+
+
+def test_a_loss_with_its_own_guidance_fails_loudly_on_a_guided_batch():
+    """The teacher refuses a scale given twice (cond.guidance and a loss's guidance option)."""
+    t = ring(conditional=True)
+    c = Cond(labels=torch.tensor([0, 1]), guidance=torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="guidance given twice"):
+        t(torch.randn(2, 2), torch.ones(2), c, guidance=2.0)
+
+
+def test_training_a_guidance_conditioned_student_on_the_conditional_ring_runs(tmp_path):
+    """CD on the exact conditional ring with w ~ U[1, 4] in every batch: the teacher target is the guided one, the
+    student takes w as input; a few iterations run, with finite losses, and the EMA student's samples depend on w."""
+    from distill.evaluate import generate_student
+    from distill.train import run_training
+
+    res = run_training(ring_guidance_cfg(tmp_path, steps=6), final_eval=False)
+    assert res["iterations"] == 6 and res["skipped_steps"] == 0
+    ckpt = torch.load(tmp_path / "g" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if k.startswith("student."))
+    from distill.train import build_module
+
+    module = build_module(ring_guidance_cfg(tmp_path, steps=6))
+    module.prepare()
+    student = module.student
+    a = generate_student(student, 1, 64, seed=0, num_classes=8, guidance=1.0)[0]
+    b = generate_student(student, 1, 64, seed=0, num_classes=8, guidance=4.0)[0]
+    assert (a - b).abs().max() > 1e-6
