@@ -60,7 +60,7 @@ class DistillModule(L.LightningModule):
         optim: phase -> optimizer config (``name, lr, betas, eps, weight_decay, warmup, decay, final_lr_ratio,
             grad_clip``).
         data: ``dataset`` (``data.name``), ``batch_size``, ``conditional``, ``pair_cache_dir``, ``out_dir``,
-            ``guidance`` (``[w_min, w_max]``: a per-sample CFG scale in every batch's cond; :mod:`distill.data_sources`).
+            ``guidance`` (``[w_min, w_max]``: a per-sample CFG scale in each batch cond; :mod:`distill.data_sources`).
         ema: the student EMA's policy (a decay, or ``{"kind": "power", "sigma_rel": ...}``; ``distill.core.ema``).
         max_steps: number of training iterations.
         seed: base seed.

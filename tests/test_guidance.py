@@ -212,19 +212,75 @@ def test_a_loss_with_its_own_guidance_fails_loudly_on_a_guided_batch():
 
 def test_training_a_guidance_conditioned_student_on_the_conditional_ring_runs(tmp_path):
     """CD on the exact conditional ring with w ~ U[1, 4] in every batch: the teacher target is the guided one, the
-    student takes w as input; a few iterations run, with finite losses, and the EMA student's samples depend on w."""
-    from distill.evaluate import generate_student
+    student takes w as input; a few iterations run with finite weights, and the final evaluation samples the student
+    at eval.guidance (recorded) and the teacher with CFG at the same scale."""
     from distill.train import run_training
 
-    res = run_training(ring_guidance_cfg(tmp_path, steps=6), final_eval=False)
+    cfg = ring_guidance_cfg(tmp_path, steps=6, **{"eval.n_samples": "256", "eval.batch_size": "256",
+                                                   "eval.nfe": "[1]", "eval.guidance": "2.0"})
+    res = run_training(cfg, final_eval=True)
     assert res["iterations"] == 6 and res["skipped_steps"] == 0
     ckpt = torch.load(tmp_path / "g" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if k.startswith("student."))
-    from distill.train import build_module
+    rows = res["eval"]["rows"]
+    assert [r["record"]["guidance"] for r in rows] == [2.0, 2.0]  # teacher (CFG) and the student (its input)
+    assert all(r["score"] == r["score"] for r in rows)
 
-    module = build_module(ring_guidance_cfg(tmp_path, steps=6))
-    module.prepare()
-    student = module.student
-    a = generate_student(student, 1, 64, seed=0, num_classes=8, guidance=1.0)[0]
-    b = generate_student(student, 1, 64, seed=0, num_classes=8, guidance=4.0)[0]
-    assert (a - b).abs().max() > 1e-6
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-class FID and evaluation at a guidance scale
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_per_class_fid_of_one_class_is_the_plain_fid_and_identical_sets_score_zero():
+    from distill.features import FlattenFeatures
+    from distill.fid import ReferenceStats, compute_fid, per_class_fid
+
+    g = torch.Generator().manual_seed(0)
+    gen = torch.randn(300, 3, generator=g, dtype=torch.float64) + torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64)
+    real = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    ext = FlattenFeatures()
+    ref = ReferenceStats.from_features(ext(real), "test", ext.describe())
+    plain = compute_fid(gen, ref, ext).fid
+    one = per_class_fid(ext(gen), torch.zeros(300), ext(real), torch.zeros(200), 1)
+    assert one["per_class_fid"] == [pytest.approx(plain, rel=1e-12)] and one["per_class_fid_mean"] == one[
+        "per_class_fid"][0] and one["per_class_n"] == [300]
+    # two classes: each scored against its own real class only; identical sets score ~0; a class without
+    # samples gets None and is left out of the mean
+    lab_g, lab_r = torch.arange(300) % 3, torch.arange(200) % 3
+    both = per_class_fid(ext(real), lab_r, ext(real), lab_r, 4)
+    assert all(abs(v) < 1e-8 for v in both["per_class_fid"][:3]) and both["per_class_fid"][3] is None
+    shifted = per_class_fid(ext(gen), lab_g, ext(real), lab_r, 3)
+    assert all(v > 0.1 for v in shifted["per_class_fid"])
+    assert shifted["per_class_fid_mean"] == pytest.approx(sum(shifted["per_class_fid"]) / 3)
+
+
+def test_digits_scorer_reports_per_class_fid_and_keeps_the_record_fields():
+    from distill.core.data import load_digits_tensor
+    from distill.evaluate import FIDScorer
+
+    images, labels = load_digits_tensor()
+    scorer = FIDScorer("digits")
+    plain = scorer(images, nfe=0, model="real")
+    rec = scorer(images, labels=labels, nfe=0, model="real")
+    assert rec["score"] == plain["score"] and set(plain) == set(rec)  # same record, extra grows
+    assert set(plain["extra"]) < set(rec["extra"]) and "class_coverage" in rec["extra"]
+    pc = rec["extra"]["per_class_fid"]
+    assert len(pc) == 10 and all(abs(v) < 1e-6 for v in pc)  # the real digits of a class vs themselves
+    assert rec["extra"]["per_class_n"] == torch.bincount(labels).tolist()
+    wrong = scorer(images, labels=(labels + 1) % 10, nfe=0)  # samples scored against another class's digits
+    assert min(wrong["extra"]["per_class_fid"]) > 10 * max(1e-3, rec["extra"]["per_class_fid_mean"])
+
+
+def test_generate_student_at_a_guidance_scale_passes_it_in_cond(teacher):
+    from distill.evaluate import eval_labels, generate_student, student_guidance
+
+    student = build_student("consistency", teacher, guidance_input=True)
+    plain = build_student("consistency", teacher)
+    assert student_guidance(student, 3.0) == 3.0 and student_guidance(plain, 3.0) is None
+    seen = []
+    net_forward = student.net.forward
+    student.net.forward = lambda x, c, to=None, cond=None: seen.append(cond) or net_forward(x, c, to, cond)
+    generate_student(student, 1, 6, seed=2, num_classes=3, guidance=2.5)
+    assert isinstance(seen[0], Cond) and torch.equal(seen[0].guidance, torch.full((6,), 2.5))
+    assert torch.equal(seen[0].labels, eval_labels(6, 2, 3))  # the labels per-class FID is computed with
