@@ -15,7 +15,7 @@ from distill.core.registry import Registry
 from .analytic import GaussianMixtureTeacher, empirical, grid, mixture, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
-from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
+from .shipped import digits_cond_teacher, digits_teacher, empirical_digits, load_shipped_teacher
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("ring")(ring)
@@ -23,6 +23,7 @@ TEACHERS.register("grid")(grid)
 TEACHERS.register("mixture")(mixture)
 TEACHERS.register("diffusers")(load_diffusers_teacher)
 TEACHERS.register("digits")(digits_teacher)
+TEACHERS.register("digits_cond")(digits_cond_teacher)
 TEACHERS.register("empirical_digits")(empirical_digits)
 
 
