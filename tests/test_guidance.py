@@ -284,3 +284,33 @@ def test_generate_student_at_a_guidance_scale_passes_it_in_cond(teacher):
     generate_student(student, 1, 6, seed=2, num_classes=3, guidance=2.5)
     assert isinstance(seen[0], Cond) and torch.equal(seen[0].guidance, torch.full((6,), 2.5))
     assert torch.equal(seen[0].labels, eval_labels(6, 2, 3))  # the labels per-class FID is computed with
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class-conditional digits teacher
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_train_teacher_conditional_saves_a_cfg_teacher(tmp_path):
+    import importlib.util
+    import math
+
+    from teachers import load_diffusers_teacher
+
+    spec = importlib.util.spec_from_file_location("train_teacher", ROOT / "scripts" / "train_teacher.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "teacher"
+    mod.main(["--conditional", "--steps", "3", "--batch-size", "8", "--warmup", "1", "--channels", "8", "16",
+              "--threads", "1", "--out", str(out)])
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["conditional"] and rec["null_class"] == 10 and rec["label_dropout"] == 0.1
+    assert math.isfinite(rec["final_loss"])
+    t = load_diffusers_teacher(out)
+    assert t.null_class == 10 and t.num_classes == 10 and t.net.config.num_class_embeds == 11
+    x, s, y = torch.randn(4, 1, 8, 8), torch.ones(4), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        d_c, d_u = t(x, s, y), t(x, s, torch.full((4,), 10))
+        torch.testing.assert_close(t(x, s, y, guidance=3.0), d_u + 3.0 * (d_c - d_u), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match="label-dropout"):
+        mod.main(["--conditional", "--label-dropout", "1.5", "--out", str(tmp_path / "x")])
