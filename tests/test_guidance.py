@@ -314,3 +314,22 @@ def test_train_teacher_conditional_saves_a_cfg_teacher(tmp_path):
         torch.testing.assert_close(t(x, s, y, guidance=3.0), d_u + 3.0 * (d_c - d_u), rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit, match="label-dropout"):
         mod.main(["--conditional", "--label-dropout", "1.5", "--out", str(tmp_path / "x")])
+
+
+def test_shipped_conditional_digits_teacher_loads_and_uses_its_labels():
+    from distill.core.data import load_digits_tensor
+    from teachers import TEACHERS
+
+    t = TEACHERS.build("digits_cond")
+    assert t.family == "edm" and t.edm_timestep_scale == 250.0 and t.null_class == 10 and t.num_classes == 10
+    files = [p for p in (ROOT / "teachers" / "shipped" / "digits_cond").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 8e6
+    x, y = load_digits_tensor()
+    x, y = x[:200], y[:200]
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    s = torch.full((200,), 1.0)  # noisy enough that the label carries information
+    with torch.no_grad():
+        right = (t(x + n, s, y) - x).pow(2).mean()
+        wrong = (t(x + n, s, (y + 5) % 10) - x).pow(2).mean()
+        null = (t(x + n, s, torch.full_like(y, 10)) - x).pow(2).mean()
+    assert right < null < wrong
