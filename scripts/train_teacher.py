@@ -85,16 +85,15 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, final_frac: float)
 
 def sample_grid(teacher: DiffusersTeacher, path: str | Path, n: int = 64, seed: int = 0, steps: int = 18,
                 guidance: float = 1.0) -> int:
-    """Write an 8-column grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels,
-    ``2 steps - 1`` NFE: 35 for 18; twice that with classifier-free guidance). A class-conditional teacher gets
-    labels ``i mod num_classes`` (one class per grid column for 10 classes) at CFG scale ``guidance``. Returns the
-    measured NFE."""
+    """Write a grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels, ``2 steps - 1``
+    NFE: 35 for 18; twice that with classifier-free guidance): 8 columns, or for a class-conditional teacher one
+    column per class (labels ``i mod num_classes``, at CFG scale ``guidance``). Returns the measured NFE."""
     noise = torch.randn((n, *teacher.data_shape), generator=torch.Generator().manual_seed(seed))
     sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, dtype=torch.float32)
     cond = None if not teacher.num_classes else torch.arange(n) % teacher.num_classes
     with torch.no_grad(), count_nfe(teacher) as counter:
         x = sample_heun(lambda x, s, c: teacher(x, s, c, guidance=guidance), noise, sigmas, cond)
-    save_grid(x, path, nrow=8)
+    save_grid(x, path, nrow=teacher.num_classes or 8)
     return counter.nfe
 
 
