@@ -15,7 +15,16 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.core.data import save_grid
-from distill.evaluate import EvalRow, Scorer, generate_student, generate_teacher, rows_label, student_eval_kwargs
+from distill.evaluate import (
+    EvalRow,
+    Scorer,
+    eval_labels,
+    generate_student,
+    generate_teacher,
+    rows_label,
+    student_eval_kwargs,
+    student_guidance,
+)
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 
@@ -73,19 +82,25 @@ class FIDCallback(L.Callback):
         if not self.reference:
             x, nfe = generate_teacher(pl_module.teacher, self.reference_sampler, self.reference_nfe, "karras",
                                       self.n, self.seed, self.guidance, self.batch_size)
-            rec = self.scorer(x, nfe=nfe, sampler=self.reference_sampler, grid="karras", guidance=self.guidance,
+            t = pl_module.teacher
+            rec = self.scorer(x, labels=eval_labels(self.n, self.seed, t.num_classes, t.class_probs), nfe=nfe,
+                              sampler=self.reference_sampler, grid="karras", guidance=self.guidance,
                               seed=self.seed, model="teacher")
             self.reference.append(EvalRow("teacher", self.reference_sampler, "karras", nfe, self.seed, rec["score"],
                                           self.scorer.metric, rec))
         new = []
         student = pl_module.ema.module
         teacher = pl_module.teacher
+        num_classes = teacher.num_classes if pl_module.conditional else None
         plan = pl_module.sampling
+        w = student_guidance(student, self.guidance)  # a guidance-conditioned student is sampled at that scale
+        labels = eval_labels(self.n, self.seed, num_classes, teacher.class_probs)
         for k in self.nfes:
             x, nfe, sig = generate_student(student, k, self.n, self.seed, plan, batch_size=self.batch_size,
-                                           **student_eval_kwargs(teacher, pl_module.conditional))
-            rec = self.scorer(x, nfe=nfe, sampler=f"student(gamma={plan.gamma})", grid=str([round(float(s), 4)
-                              for s in sig.tolist()]), guidance=1.0, seed=self.seed, model="ema_student", step=step)
+                                           guidance=w, **student_eval_kwargs(teacher, pl_module.conditional))
+            rec = self.scorer(x, labels=labels, nfe=nfe, sampler=f"student(gamma={plan.gamma})",
+                              grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0 if w is None else w,
+                              seed=self.seed, model="ema_student", step=step)
             row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)
             new.append(row)
             pl_module.print(f"[eval] iteration {step}: {self.scorer.metric} @ {nfe} NFE = {rec['score']:.4g}")

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", type=int, default=None, help="network evaluations (default 35 teacher / 1 student)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG weight (teacher; input of a guidance-conditioned student)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--images", action="store_true",
                    help="also write every sample as OUT/images/NNNNNN.png (a folder eval.reference accepts)")
@@ -134,7 +135,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
-    from distill.evaluate import EvalRow, generate_student, markdown_table, scorer_from_config, write_table
+    from distill.evaluate import (
+        EvalRow,
+        eval_labels,
+        generate_student,
+        markdown_table,
+        scorer_from_config,
+        student_guidance,
+        write_table,
+    )
     from distill.export import export_plan, load_exported
     from teachers import build_teacher
 
@@ -153,10 +162,12 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
     rows = []
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
+            w = student_guidance(student, ev.guidance)
             x, nfe, _ = generate_student(student, int(k), ev.n_samples, seed, plan, batch_size=ev.batch_size,
-                                         num_classes=sampling.get("num_classes"), **latent_kw)
-            rec = scorer(x, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig), seed=seed,
-                         guidance=1.0, model=str(args.student))
+                                         num_classes=sampling.get("num_classes"), guidance=w, **latent_kw)
+            labels = eval_labels(ev.n_samples, seed, sampling.get("num_classes"))
+            rec = scorer(x, labels=labels, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig),
+                         seed=seed, guidance=1.0 if w is None else w, model=str(args.student))
             rows.append(EvalRow("exported student", "student", "exported", nfe, seed, rec["score"], scorer.metric,
                                 rec))
     out = Path(args.out or args.student)
@@ -173,7 +184,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.student:
-        from distill.evaluate import generate_student
+        from distill.evaluate import generate_student, student_guidance
         from distill.export import export_plan, load_exported
 
         student, sampling = load_exported(args.student)
@@ -185,6 +196,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         x, measured, _ = generate_student(student, nfe, args.n, args.seed, export_plan(sampling),
                                           num_classes=sampling.get("num_classes"),
+                                          guidance=student_guidance(student, args.guidance),
                                           **exported_eval_kwargs(args.student, sampling))
         what = f"student {args.student}, {measured} NFE"
     else:

@@ -44,6 +44,9 @@ class DataConfig:
     batch_size: int = 128  # per-iteration global batch (split across processes under DDP)
     conditional: bool = False  # pass the dataset's labels to the teacher/student as cond
     pair_cache_dir: str | None = None  # teacher-pair cache root (default: <out_dir>/teacher_pairs); share to reuse
+    # guidance distillation: [w_min, w_max] -> every batch's cond carries a per-sample CFG scale w ~ U[w_min, w_max]
+    # that the teacher applies and a guidance-conditioned student (student.guidance_input) takes as input
+    guidance: list[float] | None = None
 
 
 @dataclass

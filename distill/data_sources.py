@@ -8,6 +8,16 @@ of processes.
 Sources (``DATA_SOURCES`` registry): ``real`` (the run's data set, or exact samples when ``data.name: teacher``),
 ``exact`` (exact samples of an analytic teacher), ``noise`` (nothing but labels for a class-conditional teacher),
 ``teacher_pairs`` (noise -> teacher ODE endpoint, from :class:`TeacherPairCache`).
+
+**Guidance distillation** (``data.guidance: [w_min, w_max]``): every training batch's condition also carries a
+per-sample classifier-free-guidance scale ``w ~ U[w_min, w_max]`` (:func:`guidance_scales`, its own stream of
+``(seed, k)``, drawn for the global batch and sliced per process like the data), as ``Cond(labels=..., guidance=w)``
+in ``batch.labels`` (:func:`with_guidance`). The teacher applies it (``Teacher.forward``) and a guidance-conditioned
+student takes it as input (``student.guidance_input``), so every loss distils the guided teacher without a guidance
+option of its own (LCM arXiv:2310.04378 §4.2 samples ``w`` the same way). A loss's own ``guidance`` option must stay 1
+(``distill.core.cond.split_guidance`` raises otherwise). Limitation: the fake scores of the distribution-matching
+losses (DMD2, SiD, SIM, f-distill) condition on the labels only, so under a *range* of ``w`` they model the
+generator's distribution mixed over ``w``; a fixed scale (``[w, w]``) has no such mismatch.
 """
 
 from __future__ import annotations
@@ -24,20 +34,52 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.core.cond import cond_to
+from distill.core.cond import Cond, CondLike, cond_to
 from distill.core.data import build_dataset
 from distill.core.pairs import teacher_ode_pairs
 from distill.core.registry import ConfigError, Registry, check_kwargs
 from distill.core.streams import stream_seed
 from losses.base import DataSpec
 
-__all__ = ["DATA_SOURCES", "build_providers", "TeacherPairCache", "Provider"]
+__all__ = ["DATA_SOURCES", "build_providers", "TeacherPairCache", "Provider", "check_guidance_range",
+           "guidance_scales", "with_guidance"]
 
 DATA_SOURCES: Registry = Registry("data source")
 
 
 def _generator(seed: int, *parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, *parts))
+
+
+def check_guidance_range(value: Any) -> tuple[float, float] | None:
+    """``data.guidance`` as ``(w_min, w_max)`` (``None``: no per-sample scale). A number means a fixed scale."""
+    if value is None:
+        return None
+    vals = [value] * 2 if isinstance(value, (int, float)) else list(value)
+    try:
+        lo, hi = (float(v) for v in vals)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.guidance must be [w_min, w_max] (or one number), got {value!r}") from None
+    if not (0.0 <= lo <= hi):
+        raise ConfigError(f"data.guidance needs 0 <= w_min <= w_max, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def guidance_scales(seed: int, k: int, n: int, low: float, high: float) -> Tensor:
+    """The global batch's guidance scales of iteration ``k``: ``[n]`` float64, uniform in ``[low, high]``, from the
+    stream ``(seed, k, "guidance")`` (so resume is exact, and a process's rows do not depend on the process count)."""
+    u = torch.rand(n, generator=_generator(seed, k, "guidance"), dtype=torch.float64)
+    return low + (high - low) * u
+
+
+def with_guidance(cond: CondLike, w: Tensor) -> Cond:
+    """``cond`` (labels tensor or :class:`~distill.core.cond.Cond`) with the per-sample scale ``w: [B]`` added."""
+    if cond is None:
+        raise ConfigError("data.guidance draws a classifier-free-guidance scale per sample, but this batch carries "
+                          "no condition (an unconditional teacher, or data.conditional false with real data)")
+    if isinstance(cond, Tensor):
+        return Cond(labels=cond, guidance=w)
+    return cond.replace(guidance=w)
 
 
 class Provider:

@@ -1,7 +1,12 @@
 """Evaluation at fixed NFE: generate with a teacher solver or a student, then score with the right metric.
 
 * Image teachers: FID on a feature extractor (the shipped digits classifier for 8x8 digits, Inception from a local
-  file otherwise), every number a :class:`distill.fid.FIDRecord` carrying its protocol.
+  file otherwise), every number a :class:`distill.fid.FIDRecord` carrying its protocol; for class-conditional digits
+  samples also the per-class FID (:func:`distill.fid.per_class_fid`) in the record's ``extra``.
+
+Guidance: teacher rows sample with classifier-free guidance at ``eval.guidance``; a guidance-conditioned student
+(``student.guidance_input``) is sampled at that scale through ``Cond(labels, guidance=w)`` (:func:`student_guidance`)
+and its records carry it; other students are sampled as they are (``guidance: 1.0`` in their records).
 * Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
   off-mode fraction (docs/methods.md §4.4 "Ring", :mod:`distill.distances`), in a record of the same shape.
 
@@ -23,7 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill.core.cond import cond_index, cond_to
+from distill.core.cond import Cond, as_cond, cond_index, cond_to
+from distill.core.data import load_digits_tensor
 from distill.core.nfe import count_nfe
 from distill.core.samplers import get_sampler, steps_for_nfe
 from distill.core.schedules import make_grid
@@ -31,12 +37,13 @@ from distill.core.streams import generator
 from distill.diffusers_bridge import make_scheduler, sample_diffusers
 from distill.distances import ring_report
 from distill.features import build_features
-from distill.fid import class_coverage, compute_fid, load_reference, protocol_kind, protocol_label
+from distill.fid import class_coverage, compute_fid, load_reference, per_class_fid, protocol_kind, protocol_label
 from students import SamplingPlan, sample_student
 from teachers.analytic import GaussianMixtureTeacher
 
 __all__ = ["Scorer", "FIDScorer", "RingScorer", "build_scorer", "scorer_from_config", "generate_teacher",
-           "generate_student", "EvalRow", "teacher_table", "rows_label", "markdown_table", "write_table"]
+           "generate_student", "eval_labels", "student_guidance", "EvalRow", "teacher_table", "rows_label",
+           "markdown_table", "write_table"]
 
 
 @dataclass
@@ -62,7 +69,9 @@ class Scorer:
 
     metric: str = "fid"
 
-    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
+        """Score ``samples``; ``labels: [N]`` are the class labels they were generated for (``None``: unconditional),
+        for per-class numbers where the scorer has them."""
         raise NotImplementedError
 
 
@@ -83,14 +92,32 @@ class FIDScorer(Scorer):
         kw = {"weights_path": inception_path} if features == "inception" else {}
         self.extractor = build_features(features, **kw)
         self.reference = load_reference(reference, self.extractor)
+        self._class_reference: tuple[Tensor, Tensor] | None = None
 
-    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+    def class_reference(self) -> tuple[Tensor, Tensor] | None:
+        """``(features [M, D], labels [M])`` of the real data per-class FID compares with: the 1,797 real digits
+        under the digits classifier's features (computed once); ``None`` for other features (no labelled real set)."""
+        if self._class_reference is None and getattr(self.extractor, "name", None) == "digits":
+            images, labels = load_digits_tensor()
+            self._class_reference = (self.extractor(images), labels)
+        return self._class_reference
+
+    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
+        """The FID record of ``samples`` (with class coverage for the digits classifier) plus, when ``labels: [N]``
+        (the classes the samples were generated for) are given and the features are the digits classifier's,
+        ``extra.per_class_fid`` / ``per_class_fid_mean`` / ``per_class_n`` (:func:`distill.fid.per_class_fid`)."""
         rec = compute_fid(samples, self.reference, self.extractor, **protocol)
         out = rec.to_dict()
         if hasattr(self.extractor, "predict"):
-            labels = self.extractor.predict(samples)
-            shares = class_coverage(labels, 10)
+            predicted = self.extractor.predict(samples)
+            shares = class_coverage(predicted, 10)
             out.setdefault("extra", {})["class_coverage"] = [round(float(c), 4) for c in shares]
+        ref = self.class_reference() if labels is not None else None
+        if ref is not None:
+            if labels.shape != (samples.shape[0],):
+                raise ValueError(f"labels must be [N] = [{samples.shape[0]}], got {list(labels.shape)}")
+            pc = per_class_fid(self.extractor(samples), labels, ref[0], ref[1], int(ref[1].max()) + 1)
+            out.setdefault("extra", {}).update(pc)
         out["score"] = float(rec.fid)
         return out
 
@@ -113,7 +140,7 @@ class RingScorer(Scorer):
         self.stds = teacher.stds.detach().double().cpu()
         self.reference_seed = reference_seed
 
-    def __call__(self, samples: Tensor, **protocol: Any) -> dict[str, Any]:
+    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
         rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference,
                           weights=self.weights, stds=self.stds)
         rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
@@ -191,6 +218,18 @@ def draw_labels(n: int, num_classes: int | None, probs: Tensor | None, g: torch.
 CondSampler = Callable[[int, torch.Generator], Any]
 
 
+def eval_labels(n: int, seed: int, num_classes: int | None, probs: Tensor | None = None) -> Tensor | None:
+    """The ``[n]`` class labels evaluation seed ``seed`` draws (``None`` if unconditional): exactly those
+    :func:`generate_teacher` / :func:`generate_student` condition on, for per-class scores."""
+    return draw_labels(n, num_classes, probs, eval_generator(seed, "labels"))
+
+
+def student_guidance(student: Any, guidance: float) -> float | None:
+    """``guidance`` if ``student`` takes a guidance scale as input (a backbone ``guidance`` spec), else ``None``."""
+    cfg = student.config() if hasattr(student, "config") else {}
+    return float(guidance) if cfg.get("backbone", {}).get("guidance") else None
+
+
 def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None,
            probs: Tensor | None = None, cond_sampler: CondSampler | None = None) -> tuple[Tensor, Any]:
     """``(noise [n, *shape], cond)`` of evaluation seed ``seed``: ``cond`` from ``cond_sampler`` (a teacher's
@@ -252,19 +291,25 @@ def generate_teacher(teacher: Any, sampler: str, nfe: int, grid: str = "karras",
 def generate_student(student: Any, nfe: int, n: int = 2000, seed: int = 0, plan: SamplingPlan | None = None,
                      batch_size: int = 1000, num_classes: int | None = None,
                      class_probs: Tensor | None = None, cond_sampler: CondSampler | None = None,
-                     decode: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, int, Tensor]:
+                     decode: Callable[[Tensor], Tensor] | None = None, guidance: float | None = None
+                     ) -> tuple[Tensor, int, Tensor]:
     """Samples from a student at ``nfe`` steps under ``plan`` (default :class:`students.SamplingPlan`).
 
     Conditions: ``cond_sampler(n, generator)`` (the teacher's ``sample_cond``, so the student is evaluated on the
     teacher's conditioning) when given, else labels of ``num_classes`` classes (from ``class_probs`` or uniform:
     exported students, where no teacher is loaded), else none. ``decode`` (a latent teacher's ``decode``) maps the
-    samples to pixels batch by batch.
+    samples to pixels batch by batch. ``guidance``: the scale a guidance-conditioned student is sampled at (added to
+    the condition as ``Cond(..., guidance=w)``; see :func:`student_guidance`); ``None`` passes the condition alone.
 
     Returns ``(samples, measured_nfe, sigmas)``.
     """
     plan = plan or SamplingPlan()
     sigmas = plan.sigmas(nfe, student.sigma_max)
     noise, cond = _noise(student.data_shape, n, seed, num_classes, class_probs, cond_sampler)
+    if guidance is not None:
+        c = as_cond(cond)
+        w = torch.full((n,), float(guidance))
+        cond = Cond(guidance=w) if c is None else c.replace(guidance=w)
     # Every sample's re-noising draws are fixed up front ([steps, n, ...]), so a sample does not depend on batching.
     renoise = torch.randn((max(0, len(sigmas) - 2), n, *student.data_shape), generator=eval_generator(seed, "renoise"))
     was_training = student.training
@@ -316,7 +361,8 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
             name = f"diffusers:{s}" if is_diffusers else s
             if is_diffusers and g != "karras":
                 g = "vp-default"  # diffusers' own timestep spacing on its VP table, not our log-SNR grid
-            rec = scorer(x, nfe=measured, sampler=name, grid=g, guidance=guidance, seed=seed, model=model)
+            rec = scorer(x, labels=eval_labels(n, seed, teacher.num_classes, teacher.class_probs), nfe=measured,
+                         sampler=name, grid=g, guidance=guidance, seed=seed, model=model)
             rows.append(EvalRow(model, name, g, measured, seed, rec["score"], scorer.metric, rec))
             bar.update(1)
             bar.set_postfix_str(f"{name}/{g}@{measured}: {rec['score']:.3g}")

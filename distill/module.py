@@ -28,7 +28,7 @@ from distill.core.cond import Cond, cond_index, cond_to
 from distill.core.ema import make_ema
 from distill.core.registry import ConfigError
 from distill.core.streams import stream_seed
-from distill.data_sources import build_providers
+from distill.data_sources import build_providers, check_guidance_range, guidance_scales, with_guidance
 from distill.iteration import PhaseOptim, build_phase_optim, run_iteration
 from losses.base import Batch, DistillLoss, StepContext
 from students.sampling import SamplingPlan
@@ -60,7 +60,8 @@ class DistillModule(L.LightningModule):
         loss: a :class:`losses.base.DistillLoss`.
         optim: phase -> optimizer config (``name, lr, betas, eps, weight_decay, warmup, decay, final_lr_ratio,
             grad_clip``).
-        data: ``dataset`` (``data.name``), ``batch_size``, ``conditional``, ``pair_cache_dir``, ``out_dir``.
+        data: ``dataset`` (``data.name``), ``batch_size``, ``conditional``, ``pair_cache_dir``, ``out_dir``,
+            ``guidance`` (``[w_min, w_max]``: a per-sample CFG scale in each batch cond; :mod:`distill.data_sources`).
         ema: the student EMA's policy (a decay, or ``{"kind": "power", "sigma_rel": ...}``; ``distill.core.ema``).
         max_steps: number of training iterations.
         seed: base seed.
@@ -93,6 +94,16 @@ class DistillModule(L.LightningModule):
         self.specs = loss.data_specs()
         # Fail on bad data specs now (one line), before any device work.
         self.providers = build_providers(self.specs, teacher, self.data_cfg)
+        self.guidance_range = check_guidance_range(self.data_cfg.get("guidance"))
+        if self.guidance_range is not None:
+            backbone = student.config().get("backbone", {}) if hasattr(student, "config") else {}
+            if not backbone.get("guidance"):
+                raise ConfigError("data.guidance draws a guidance scale per sample, which the student must take as an "
+                                  "input: set student.guidance_input: true")
+            own = getattr(loss, "guidance", 1.0)
+            if isinstance(own, (int, float)) and float(own) != 1.0:
+                raise ConfigError(f"data.guidance gives every sample its guidance scale; the loss's own guidance="
+                                  f"{own} would apply it twice: drop loss.guidance")
         self._sampling_override = sampling
         self.sampling = resolve_sampling(loss, sampling)  # again after the loss's setup (prepare)
         self.ema = make_ema(student, ema)
@@ -178,6 +189,10 @@ class DistillModule(L.LightningModule):
                     t.to(p.dtype) if t.is_floating_point() else t)
                 fields[key if name == "data" else f"{name}.{key}"] = t
         data, labels = fields.pop("data", None), fields.pop("labels", None)
+        if self.guidance_range is not None:  # guidance distillation: a CFG scale per sample rides in the cond
+            total = size * world
+            w = guidance_scales(self.seed, k, total, *self.guidance_range)[rank * size:(rank + 1) * size]
+            labels = with_guidance(labels, w.to(p.device, p.dtype))
         return Batch(size, data, labels, fields, seed=self.seed, iteration=k, rank=rank, world_size=world,
                      device=p.device, dtype=p.dtype)
 

@@ -54,7 +54,8 @@ def build_module(cfg: DictConfig) -> Any:
     teacher, student, loss = build_components(cfg)
     optim = {k: v for k, v in cfg.optim.items()}
     data = {"dataset": cfg.data.name, "batch_size": cfg.data.batch_size, "conditional": cfg.data.conditional,
-            "pair_cache_dir": cfg.data.pair_cache_dir, "out_dir": cfg.out_dir}
+            "pair_cache_dir": cfg.data.pair_cache_dir, "out_dir": cfg.out_dir,
+            "guidance": None if cfg.data.guidance is None else list(cfg.data.guidance)}
     ema = {k: v for k, v in to_container(cfg.ema).items() if v is not None}
     return DistillModule(teacher, student, loss, optim, data=data, ema=ema, max_steps=cfg.trainer.max_steps,
                          seed=cfg.seed, log_every=cfg.trainer.log_every, sampling=sampling_overrides(cfg),
@@ -233,10 +234,12 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
     ``eval.{json,md,png}`` and printed."""
     from distill.evaluate import (
         EvalRow,
+        eval_labels,
         generate_student,
         generate_teacher,
         markdown_table,
         student_eval_kwargs,
+        student_guidance,
         write_table,
     )
 
@@ -245,6 +248,7 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
     student = module.ema.module
     conditional = module.conditional
     step = module.current_iteration
+    w_student = student_guidance(student, ev.guidance)  # a guidance-conditioned student is sampled at eval.guidance
 
     # The FID callback scores the same samples (same seed, noise, grid and protocol) when its schedule hits the
     # last iteration; its rows are reused rather than generated twice.
@@ -261,19 +265,23 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
         else:
             x, nfe = generate_teacher(module.teacher, ev.reference_sampler, ev.reference_nfe, "karras",
                                       ev.n_samples, seed, ev.guidance, ev.batch_size)
-            rec = scorer(x, nfe=nfe, sampler=ev.reference_sampler, grid="karras", guidance=ev.guidance, seed=seed,
-                         model="teacher")
+            t = module.teacher
+            rec = scorer(x, labels=eval_labels(ev.n_samples, seed, t.num_classes, t.class_probs), nfe=nfe,
+                         sampler=ev.reference_sampler, grid="karras", guidance=ev.guidance, seed=seed, model="teacher")
             rows.append(EvalRow("teacher", ev.reference_sampler, "karras", nfe, seed, rec["score"], scorer.metric,
                                 rec))
         for k in ev.nfe:
             if (seed, k) in done_student:
                 rec = dict(done_student[(seed, k)].record, model=f"{cfg.name}:ema_student")
             else:
+                num_classes = module.teacher.num_classes if conditional else None
                 x, nfe, sig = generate_student(student, k, ev.n_samples, seed, module.sampling,
-                                               batch_size=ev.batch_size,
+                                               batch_size=ev.batch_size, guidance=w_student,
                                                **student_eval_kwargs(module.teacher, conditional))
-                rec = scorer(x, nfe=nfe, sampler=f"student(gamma={module.sampling.gamma})",
-                             grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0, seed=seed,
+                rec = scorer(x, labels=eval_labels(ev.n_samples, seed, num_classes, module.teacher.class_probs),
+                             nfe=nfe, sampler=f"student(gamma={module.sampling.gamma})",
+                             grid=str([round(float(s), 4) for s in sig.tolist()]),
+                             guidance=1.0 if w_student is None else w_student, seed=seed,
                              model=f"{cfg.name}:ema_student", step=step)
             rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", rec["nfe"], seed, rec["score"],
                                 scorer.metric, rec))

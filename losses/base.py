@@ -95,7 +95,9 @@ class Batch:
     Attributes:
         size: samples in this process's batch (``B``).
         data: ``[B, ...]`` real data or exact samples (``None`` for data-free losses).
-        labels: ``[B]`` class labels, or ``None`` (unconditional).
+        labels: the condition passed to teacher and student: ``[B]`` class labels, a
+            :class:`~distill.core.cond.Cond` (e.g. labels plus the per-sample guidance scale of ``data.guidance``), or
+            ``None`` (unconditional).
         extras: further named tensors from extra data specs, keyed ``"<spec>.<field>"`` (e.g.
             ``"pairs.z"``, ``"pairs.x0"``, ``"pairs.labels"``).
     """

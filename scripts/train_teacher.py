@@ -9,7 +9,13 @@ through exactly the ``denoise`` code (preconditioning, ``c_noise = 250 log sigma
 An EMA of the weights is what gets saved, as a local diffusers folder (``unet/`` safetensors + ``scheduler/`` +
 ``distill_teacher.json``) plus ``training.json`` with the command line, wall time and loss curve.
 
+``--conditional`` trains a class-conditional teacher for classifier-free guidance (Ho & Salimans 2022,
+arXiv:2207.12598): the UNet gets ``num_class_embeds = num_classes + 1`` label embeddings, the last one the null class
+(``null_class`` in ``distill_teacher.json``), and each training label is replaced by the null class with probability
+``--label-dropout`` (0.1), so one network learns both ``D(x, sigma, y)`` and ``D(x, sigma, null)``.
+
     python scripts/train_teacher.py --steps 5000 --out teachers/shipped/digits
+    python scripts/train_teacher.py --conditional --steps 5000 --out teachers/shipped/digits_cond
 """
 
 from __future__ import annotations
@@ -52,19 +58,20 @@ def edm_scheduler_config(sigma_min: float = 0.002, sigma_max: float = 80.0, sigm
 
 
 def edm_loss(teacher: DiffusersTeacher, y: torch.Tensor, p_mean: float, p_std: float,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
     """EDM training loss (Karras et al. 2022, eq. 8 with Table 1's log-normal sigma density).
 
     Args:
         teacher: the preconditioned denoiser being trained.
         y: ``[B, C, H, W]`` clean data.
-    Returns the scalar mean over batch and pixels of ``lambda(sigma) (D(y + sigma n, sigma) - y)^2``.
+        labels: ``[B]`` class labels (null class included) of a class-conditional teacher, else ``None``.
+    Returns the scalar mean over batch and pixels of ``lambda(sigma) (D(y + sigma n, sigma, labels) - y)^2``.
     """
     sigma = sample_lognormal_sigma(y.shape[0], p_mean, p_std, generator=generator, dtype=y.dtype)  # [B]
     n = torch.randn(y.shape, generator=generator, dtype=y.dtype)
     s = sigma.view(-1, 1, 1, 1)
     weight = (s**2 + SIGMA_DATA**2) / (s * SIGMA_DATA) ** 2  # makes the effective F-target unit-variance
-    d = teacher.denoise(y + s * n, sigma)
+    d = teacher.denoise(y + s * n, sigma, labels)
     return (weight * (d - y) ** 2).mean()
 
 
@@ -76,14 +83,17 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, final_frac: float)
     return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def sample_grid(teacher: DiffusersTeacher, path: str | Path, n: int = 64, seed: int = 0, steps: int = 18) -> int:
-    """Write an 8-column grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels,
-    ``2 steps - 1`` NFE: 35 for 18). Returns the measured NFE."""
+def sample_grid(teacher: DiffusersTeacher, path: str | Path, n: int = 64, seed: int = 0, steps: int = 18,
+                guidance: float = 1.0) -> int:
+    """Write a grid of ``n`` samples from EDM's Heun sampler on the Karras grid (``steps`` levels, ``2 steps - 1``
+    NFE: 35 for 18; twice that with classifier-free guidance): 8 columns, or for a class-conditional teacher one
+    column per class (labels ``i mod num_classes``, at CFG scale ``guidance``). Returns the measured NFE."""
     noise = torch.randn((n, *teacher.data_shape), generator=torch.Generator().manual_seed(seed))
     sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, dtype=torch.float32)
+    cond = None if not teacher.num_classes else torch.arange(n) % teacher.num_classes
     with torch.no_grad(), count_nfe(teacher) as counter:
-        x = sample_heun(teacher, noise, sigmas)
-    save_grid(x, path, nrow=8)
+        x = sample_heun(lambda x, s, c: teacher(x, s, c, guidance=guidance), noise, sigmas, cond)
+    save_grid(x, path, nrow=teacher.num_classes or 8)
     return counter.nfe
 
 
@@ -99,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-mean", type=float, default=-1.2)
     p.add_argument("--p-std", type=float, default=1.2)
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block_out_channels")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional with a null class (label num_classes) for classifier-free guidance")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="probability of training a label as the null class (--conditional only)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the --samples grid (--conditional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "teachers" / "shipped" / "digits"))
@@ -114,16 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.grid_only:
         path = args.samples or str(ROOT / "docs" / "teacher_digits_samples.png")
-        nfe = sample_grid(load_diffusers_teacher(args.out), path, seed=args.seed)
+        nfe = sample_grid(load_diffusers_teacher(args.out), path, seed=args.seed, guidance=args.guidance)
         print(f"wrote {path} ({nfe} NFE Heun)")
         return
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    images, _ = DATASETS.get(args.dataset)()
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise SystemExit(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    images, labels = DATASETS.get(args.dataset)()
     n_data, size = images.shape[0], images.shape[-1]
-    net = small_unet(sample_size=size, in_channels=images.shape[1], block_out_channels=tuple(args.channels))
-    teacher = DiffusersTeacher(net, edm_scheduler_config(), sigma_data=SIGMA_DATA,
+    # Conditional: labels 0..K-1 are the classes, label K the null class ("no label") of classifier-free guidance.
+    null_class = int(labels.max()) + 1 if args.conditional else None
+    net = small_unet(sample_size=size, in_channels=images.shape[1], block_out_channels=tuple(args.channels),
+                     num_class_embeds=None if null_class is None else null_class + 1)
+    teacher = DiffusersTeacher(net, edm_scheduler_config(), null_class=null_class, sigma_data=SIGMA_DATA,
                                edm_timestep_scale=EDM_TIMESTEP_SCALE)
     # DiffusersTeacher freezes itself; training needs the net's gradients and train-mode back.
     teacher.train()
@@ -141,13 +161,18 @@ def main(argv: list[str] | None = None) -> None:
         # Epoch-wise shuffling without a DataLoader: the whole set is a tensor in memory.
         if pos + args.batch_size > n_data:
             perm, pos = torch.randperm(n_data, generator=gen), 0
-        y = images[perm[pos:pos + args.batch_size]]
+        idx = perm[pos:pos + args.batch_size]
+        y = images[idx]
         pos += args.batch_size
+        y_labels = None
+        if null_class is not None:  # CFG label dropout: replace a label by the null class with p = label_dropout
+            drop = torch.rand(idx.shape[0], generator=gen) < args.label_dropout
+            y_labels = torch.where(drop, torch.full_like(idx, null_class), labels[idx])
 
         lr = lr_at(step, args.lr, args.warmup, args.steps, args.final_lr_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = edm_loss(teacher, y, args.p_mean, args.p_std, generator=gen)
+        loss = edm_loss(teacher, y, args.p_mean, args.p_std, generator=gen, labels=y_labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss):
@@ -164,17 +189,21 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.time() - t0
 
     out = Path(args.out)
-    ema_teacher = DiffusersTeacher(ema.module, edm_scheduler_config(), sigma_data=SIGMA_DATA,
+    ema_teacher = DiffusersTeacher(ema.module, edm_scheduler_config(), null_class=null_class, sigma_data=SIGMA_DATA,
                                    edm_timestep_scale=EDM_TIMESTEP_SCALE)
     ema_teacher.save_pretrained(out)
     meta = json.loads((out / "distill_teacher.json").read_text())
     assert meta.get("edm_timestep_scale") == EDM_TIMESTEP_SCALE, meta  # the inference timestep must round-trip
+    assert meta.get("null_class") == null_class, meta  # CFG's null label must round-trip
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv else sys.argv[1:]))),
         "args": vars(args),
         "dataset": args.dataset,
         "n_data": n_data,
         "params": n_params,
+        "conditional": bool(args.conditional),
+        "null_class": null_class,
+        "label_dropout": args.label_dropout if args.conditional else None,
         "steps": args.steps,
         "seed": args.seed,
         "wall_time_s": round(wall, 1),
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     (out / "training.json").write_text(json.dumps(record, indent=1))
     if args.samples:
-        sample_grid(ema_teacher, args.samples, seed=args.seed)
+        sample_grid(ema_teacher, args.samples, seed=args.seed, guidance=args.guidance)
     print(f"saved EMA teacher ({n_params / 1e6:.2f} M params) to {out}; {args.steps} steps in {wall:.0f} s, "
           f"final loss {curve[-1]['loss']:.4f}")
 

@@ -5,7 +5,7 @@ teacher (``build_student``) or from a saved config (``build_student_from_config`
 
 from .backbones import Backbone, UNetBackbone
 from .base import FlowMapStudent
-from .nets import MLPDenoiser, sinusoidal_embedding
+from .nets import GUIDANCE_KEYS, GuidanceEmbedding, MLPDenoiser, sinusoidal_embedding
 from .precond import ConsistencyPrecond, DenoiserPrecond
 from .sampling import SamplingPlan, sample_student
 from .students import (
@@ -29,6 +29,8 @@ __all__ = [
     "TrigFlowStudent",
     "Backbone",
     "MLPDenoiser",
+    "GuidanceEmbedding",
+    "GUIDANCE_KEYS",
     "UNetBackbone",
     "DenoiserPrecond",
     "ConsistencyPrecond",

@@ -8,6 +8,9 @@ dict, so that a student's ``config()`` rebuilds it without the teacher:
 * ``{"type": "mlp", "dim", "hidden", "depth", "emb_dim", "max_freq", "num_classes"}`` - a fresh MLP;
 * ``{"type": "unet", "model": "UNet2DModel", "unet": <diffusers config>, "timestep_scale", "null_class"}`` - a
   diffusers UNet rebuilt with ``from_config`` (a teacher copy gets the teacher's weights afterwards).
+
+Either may carry ``"guidance": {"emb_dim", "max_freq", "hidden", "default"}`` (:data:`students.nets.GUIDANCE_KEYS`):
+a guidance-scale input read from ``cond.guidance`` (:class:`students.nets.GuidanceEmbedding`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 from distill.core.cond import CondLike, as_cond, cond_guidance, cond_labels
 from distill.core.registry import ConfigError
 
-from .nets import Backbone, MLPDenoiser
+from .nets import Backbone, GuidanceEmbedding, MLPDenoiser
 
 __all__ = ["Backbone", "MLPDenoiser", "UNetBackbone", "UNET_MODELS", "build_backbone", "clean_unet_config"]
 
@@ -49,6 +52,12 @@ class UNetBackbone(Backbone):
     * ``trig_time`` (a TrigFlow student copied from an EDM teacher): the raw call takes TrigFlow time
       ``c_noise = t`` and feeds the copied UNet EDM's ``log(sd tan t) / 4``, its output times ``sign``
       (:func:`students.students._teacher_specs`).
+    * ``guidance`` (guidance distillation, LCM arXiv:2310.04378 / sCD arXiv:2410.11081): the scale ``w`` in
+      ``cond.guidance`` enters as a zero-initialised MLP of its sinusoidal features *added to the UNet's time
+      embedding* (a forward hook on ``unet.time_embedding``, live only during the call); the module is
+      ``self.guidance_emb``, outside ``self.unet``, so the UNet's state dict stays the teacher's. At init the
+      addition is exactly 0: a teacher copy equals the teacher for every ``w``. (diffusers' ``time_cond_proj_dim``,
+      LCM's route, exists on ``UNet2DConditionModel`` only.)
     * text conditioning (``UNet2DConditionModel``, ``SD3Transformer2DModel``; copies of the latent teachers of
       :mod:`teachers.latent`): ``cond`` is a :class:`~distill.core.cond.Cond`; ``embeds`` go in as
       ``encoder_hidden_states``, SDXL-style UNets (``addition_embed_type="text_time"``) also get
@@ -66,11 +75,22 @@ class UNetBackbone(Backbone):
         two_levels: take the flow map's target level through the class embedding.
         null_class: label meaning "no class" for a class-conditional UNet.
         trig_time: ``{"sigma_data", "sign"}``: take TrigFlow time and give the UNet EDM's ``c_noise``.
+        guidance: a guidance-scale input (``True`` or a dict of :data:`students.nets.GUIDANCE_KEYS`).
     """
 
     def __init__(self, unet: nn.Module, timestep_scale: float, two_levels: bool = False,
-                 null_class: int | None = None, trig_time: dict[str, float] | None = None) -> None:
+                 null_class: int | None = None, trig_time: dict[str, float] | None = None,
+                 guidance: dict[str, Any] | bool | None = None) -> None:
         super().__init__()
+        g = GuidanceEmbedding.spec(guidance)
+        self.guidance_emb = None
+        if g is not None:
+            time_embedding = getattr(unet, "time_embedding", None)
+            out_dim = getattr(getattr(time_embedding, "linear_2", None), "out_features", None)
+            if out_dim is None:
+                raise ConfigError(f"a guidance input needs a UNet with a time_embedding.linear_2 (diffusers' "
+                                  f"TimestepEmbedding); {type(unet).__name__} has none")
+            self.guidance_emb = GuidanceEmbedding(out_dim, **g)
         self.unet = unet
         self.timestep_scale = float(timestep_scale)
         self.trig_time = None if trig_time is None else {"sigma_data": float(trig_time["sigma_data"]),
@@ -103,7 +123,7 @@ class UNetBackbone(Backbone):
 
     def conditioning_kwargs(self, x_in: Tensor, c_noise_to: Tensor | None, cond: CondLike) -> dict[str, Any]:
         """Keyword arguments of the diffusers call other than ``sample`` and ``timestep``."""
-        if cond_guidance(cond) is not None:
+        if self.guidance_emb is None and cond_guidance(cond) is not None:
             raise ValueError("this student has no guidance input but cond carries a guidance scale")
         if self.model in TEXT_MODELS:
             return self._text_kwargs(x_in, cond)
@@ -146,12 +166,22 @@ class UNetBackbone(Backbone):
     def forward(
         self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
     ) -> Tensor:
-        """Args: ``x_in: [B, C, H, W]``, ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond: [B]`` labels or
-        ``None``. Returns ``[B, C, H, W]``."""
+        """Args: ``x_in: [B, C, H, W]``, ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond``: ``[B]`` labels, a
+        :class:`~distill.core.cond.Cond` (with ``guidance: [B]`` for a guidance-conditioned backbone) or ``None``.
+        Returns ``[B, C, H, W]``."""
         kwargs = self.conditioning_kwargs(x_in, c_noise_to, cond)
         if self.trig_time is not None:  # TrigFlow t -> EDM c_noise = log(sigma) / 4 with sigma = sd tan(t)
             c_noise = (torch.log(self.trig_time["sigma_data"] * torch.tan(c_noise.double())) / 4).to(c_noise.dtype)
-        out = self.unet(x_in, timestep=self.timestep_scale * c_noise, **kwargs)
+        if self.guidance_emb is None:
+            out = self.unet(x_in, timestep=self.timestep_scale * c_noise, **kwargs)
+        else:
+            g_emb = self.guidance_emb(cond, x_in.shape[0], x_in.device, x_in.dtype)  # [B, time_embed_dim]
+            # Added to the time embedding's output for this call only (the hook is removed however the call ends).
+            handle = self.unet.time_embedding.register_forward_hook(lambda _m, _i, emb: emb + g_emb.to(emb.dtype))
+            try:
+                out = self.unet(x_in, timestep=self.timestep_scale * c_noise, **kwargs)
+            finally:
+                handle.remove()
         out = out.sample if hasattr(out, "sample") else out
         if out.shape[1] != x_in.shape[1]:  # DiT's learned-sigma channels
             out = out[:, : x_in.shape[1]]
@@ -186,5 +216,5 @@ def build_backbone(spec: dict[str, Any], data_shape: tuple[int, ...], two_levels
             raise ConfigError(f"unknown unet backbone model {model!r}; valid: {', '.join(UNET_MODELS)}")
         unet = getattr(diffusers, model).from_config(copy.deepcopy(dict(spec["unet"])))
         return UNetBackbone(unet, spec["timestep_scale"], two_levels=two_levels, null_class=spec.get("null_class"),
-                            trig_time=spec.get("trig_time"))
+                            trig_time=spec.get("trig_time"), guidance=spec.get("guidance"))
     raise ConfigError(f"student backbone must be a dict with type 'mlp' or 'unet', got {spec!r}")

@@ -5,6 +5,13 @@ A backbone is the *raw* ``F`` of EDM-style preconditioning (Karras et al. 2022, 
 parameterisation's ``c_noise`` (``[B]``), never raw sigma; :mod:`students.precond` applies ``c_skip``/``c_out``. A
 flow-map student passes a second noise input for the target level, a conditional one its labels (for the MLP, label
 ``num_classes`` means "no class"). :mod:`students.backbones` adds the diffusers UNet backbone.
+
+**Guidance-conditioned backbones** (LCM, Luo et al. 2023, arXiv:2310.04378 §4.2; sCD, Lu & Song 2024,
+arXiv:2410.11081): a backbone built with a ``guidance`` spec takes the classifier-free-guidance scale ``w`` as an
+input, read from ``cond.guidance`` (:func:`distill.core.cond.cond_guidance`), so one 1-NFE student samples the guided
+teacher at any ``w`` without CFG's second pass. The scale enters through :class:`GuidanceEmbedding` (sinusoidal
+features of ``w``: concatenated to the MLP's input, or a zero-initialised MLP added to the UNet's time embedding).
+A backbone without that input rejects a ``cond`` that carries a scale.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from distill.core.cond import cond_guidance, cond_labels
+from distill.core.registry import ConfigError
 
-__all__ = ["sinusoidal_embedding", "Backbone", "RawFn", "MLPDenoiser"]
+__all__ = ["sinusoidal_embedding", "Backbone", "RawFn", "MLPDenoiser", "GuidanceEmbedding", "GUIDANCE_KEYS"]
 
 #: ``F(x_in, c_noise, c_noise_to=None) -> Tensor`` with the conditioning closed over (the ``torch.func.jvp`` entry)
 RawFn = Callable[..., Tensor]
@@ -45,6 +53,70 @@ def sinusoidal_embedding(c: Tensor, dim: int, max_freq: float = 4.0) -> Tensor:
     freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), half, device=c.device, dtype=c.dtype))
     args = c[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+#: keys of a backbone's ``guidance`` spec and their defaults (:class:`GuidanceEmbedding`)
+GUIDANCE_KEYS: dict[str, float | int] = {"emb_dim": 32, "max_freq": 4.0, "hidden": 128, "default": 1.0}
+
+
+class GuidanceEmbedding(nn.Module):
+    """The guidance-scale input of a guidance-conditioned backbone: ``w: [B] -> [B, out_dim]``.
+
+    ``w`` is embedded by :func:`sinusoidal_embedding` (``emb_dim`` features, frequencies in ``[1, max_freq]``); with
+    ``out_dim`` set, a ``Linear(emb_dim, hidden) -> SiLU -> Linear(hidden, out_dim)`` follows whose last layer is
+    zero-initialised, so at init the embedding is exactly 0 for every ``w`` (a teacher copy that adds it to its time
+    embedding is the teacher's network; the zero layer still gets gradients, since its inputs are not zero). Without
+    ``out_dim`` the raw features are returned (no parameters; the fresh MLP concatenates them).
+
+    Args:
+        out_dim: width of the learnt projection (``None``: raw sinusoidal features, ``[B, emb_dim]``).
+        emb_dim: even width of the sinusoidal features.
+        max_freq: highest frequency of the features.
+        hidden: width of the projection's hidden layer.
+        default: the scale used when ``cond`` carries none (e.g. labels from a teacher-pair cache); 1 = unguided.
+    """
+
+    def __init__(self, out_dim: int | None = None, emb_dim: int = 32, max_freq: float = 4.0, hidden: int = 128,
+                 default: float = 1.0) -> None:
+        super().__init__()
+        if emb_dim < 2 or emb_dim % 2 or hidden < 1:
+            raise ValueError(f"guidance embedding needs an even emb_dim >= 2 and hidden >= 1, got {emb_dim}, {hidden}")
+        self.emb_dim, self.max_freq, self.default = int(emb_dim), float(max_freq), float(default)
+        self.out_dim = emb_dim if out_dim is None else int(out_dim)
+        self.proj = None
+        if out_dim is not None:
+            self.proj = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+            nn.init.zeros_(self.proj[-1].weight)
+            nn.init.zeros_(self.proj[-1].bias)
+
+    @staticmethod
+    def spec(options: dict | bool | None) -> dict | None:
+        """The JSON spec of a backbone's ``guidance`` option: ``True`` -> the defaults, a dict -> checked and filled
+        (:data:`GUIDANCE_KEYS`), ``None``/``False`` -> ``None`` (no guidance input)."""
+        if options is None or options is False:
+            return None
+        if not isinstance(options, (bool, dict)):
+            raise ConfigError(f"guidance input must be true/false or a dict of {', '.join(GUIDANCE_KEYS)}, got "
+                              f"{options!r}")
+        opts = {} if options is True else dict(options)
+        unknown = sorted(set(opts) - set(GUIDANCE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown guidance-input key(s) {unknown}; valid keys: {', '.join(GUIDANCE_KEYS)}")
+        return {**GUIDANCE_KEYS, **opts}
+
+    def scale(self, cond: object, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The per-sample scale ``[n]`` carried by ``cond`` (``cond.guidance``), or ``default`` where it has none."""
+        w = cond_guidance(cond)
+        if w is None:
+            return torch.full((n,), self.default, device=device, dtype=dtype)
+        if w.shape != (n,):
+            raise ValueError(f"cond.guidance must be [B] = [{n}], got {list(w.shape)}")
+        return w.to(device=device, dtype=dtype)
+
+    def forward(self, cond: object, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``[n, out_dim]`` embedding of the scale in ``cond`` (see :meth:`scale`)."""
+        feats = sinusoidal_embedding(self.scale(cond, n, device, dtype), self.emb_dim, self.max_freq)
+        return feats if self.proj is None else self.proj(feats)
 
 
 class Backbone(nn.Module):
@@ -84,6 +156,8 @@ class MLPDenoiser(Backbone):
         two_levels: take a second noise embedding (the flow map's target level).
         num_classes: add a label embedding with ``num_classes + 1`` rows (the last one means "unconditional").
         max_freq: highest frequency of the noise embeddings.
+        guidance: a guidance-scale input (``True`` or a dict of :data:`GUIDANCE_KEYS`): sinusoidal features of
+            ``cond.guidance`` concatenated to the input (:class:`GuidanceEmbedding`).
     """
 
     def __init__(
@@ -95,6 +169,7 @@ class MLPDenoiser(Backbone):
         two_levels: bool = False,
         num_classes: int | None = None,
         max_freq: float = 4.0,
+        guidance: dict | bool | None = None,
     ) -> None:
         super().__init__()
         if depth < 1 or hidden < 1 or emb_dim < 2:
@@ -104,7 +179,11 @@ class MLPDenoiser(Backbone):
         self.max_freq = float(max_freq)
         n_emb = 2 if two_levels else 1
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        g = GuidanceEmbedding.spec(guidance)
+        self.guidance_emb = None if g is None else GuidanceEmbedding(
+            None, **{k: v for k, v in g.items() if k != "hidden"})
         width_in = dim + emb_dim * (n_emb + (1 if num_classes else 0))
+        width_in += self.guidance_emb.out_dim if self.guidance_emb is not None else 0
         layers: list[nn.Module] = [nn.Linear(width_in, hidden)]
         for _ in range(depth - 1):
             layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
@@ -115,8 +194,9 @@ class MLPDenoiser(Backbone):
         self, x_in: Tensor, c_noise: Tensor, c_noise_to: Tensor | None = None, cond: Tensor | None = None
     ) -> Tensor:
         """Args: ``x_in: [B, D]`` or ``[B, ...]`` with ``D`` elements per sample (already scaled by ``c_in``),
-        ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond: [B]`` integer labels or ``None``. Returns a tensor
-        shaped like ``x_in``."""
+        ``c_noise: [B]``, ``c_noise_to: [B]`` (flow maps), ``cond``: ``[B]`` integer labels, a
+        :class:`~distill.core.cond.Cond` (labels, and ``guidance: [B]`` for a guidance-conditioned MLP) or ``None``.
+        Returns a tensor shaped like ``x_in``."""
         shape = x_in.shape
         x_in = x_in.reshape(shape[0], -1)
         feats = [x_in, sinusoidal_embedding(c_noise, self.emb_dim, self.max_freq)]
@@ -124,7 +204,9 @@ class MLPDenoiser(Backbone):
             if c_noise_to is None:
                 raise ValueError("this MLPDenoiser was built with two_levels=True: pass c_noise_to")
             feats.append(sinusoidal_embedding(c_noise_to, self.emb_dim, self.max_freq))
-        if cond_guidance(cond) is not None:
+        if self.guidance_emb is not None:
+            feats.append(self.guidance_emb(cond, shape[0], x_in.device, x_in.dtype))
+        elif cond_guidance(cond) is not None:
             raise ValueError("this student has no guidance input but cond carries a guidance scale")
         cond = cond_labels(cond)
         if self.label_emb is not None:

@@ -36,7 +36,7 @@ from teachers.base import Teacher
 from .backbones import Backbone, build_backbone, clean_unet_config
 from .base import FlowMapStudent
 from .lora import add_lora, base_name, check_lora_spec, lora_param_names
-from .nets import RawFn
+from .nets import GuidanceEmbedding, RawFn
 from .precond import DenoiserPrecond, build_precond
 
 __all__ = [
@@ -259,7 +259,8 @@ def _teacher_specs(teacher: Teacher, kind: str) -> tuple[dict[str, Any], dict[st
     return backbone, precond
 
 
-def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: Any) -> FlowMapStudent:
+def build_student(name: str, teacher: Teacher, init: str = "teacher", guidance_input: bool | dict[str, Any] = False,
+                  **kwargs: Any) -> FlowMapStudent:
     """Build a student of kind ``name`` ("generator", "consistency", "flowmap", "trigflow") for ``teacher``.
 
     Args:
@@ -268,6 +269,10 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
             ``TEACHER_NET_ATTRS`` and weights are read).
         init: ``"teacher"`` copies the teacher's network and parameterisation; ``"fresh"`` builds an
             EDM-preconditioned MLP.
+        guidance_input: give the backbone a classifier-free-guidance-scale input read from ``cond.guidance``
+            (guidance distillation, LCM/sCD-style; ``True`` or a dict of :data:`students.nets.GUIDANCE_KEYS`), saved
+            in the backbone spec as ``"guidance"``. Train it with ``data.guidance: [w_min, w_max]`` so every batch
+            carries a scale (:mod:`distill.data_sources`). A teacher copy stays exactly the teacher at init.
         **kwargs: fresh-MLP hyper-parameters (``hidden``, ``depth``, ``emb_dim``, ``max_freq``), and ``lora`` (any
             init): a LoRA spec (:mod:`students.lora`). A LoRA teacher copy trains only its adapters (and any layer
             the teacher does not have, such as a flow map's target-level embedding); its frozen base weights are
@@ -287,6 +292,7 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
     lora = kwargs.pop("lora", None)
     if lora is not None:
         lora = check_lora_spec(lora)
+    guidance_spec = GuidanceEmbedding.spec(guidance_input)
     if init == "fresh":
         unknown = sorted(set(kwargs) - set(MLP_KEYS))
         if unknown:
@@ -294,6 +300,8 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
                               f"{', '.join([*MLP_KEYS, 'lora'])}")
         backbone = {"type": "mlp", "dim": math.prod(info.data_shape), **MLP_KEYS, **kwargs,
                     "num_classes": info.num_classes}
+        if guidance_spec is not None:
+            backbone["guidance"] = guidance_spec
         return cls(backbone=backbone, lora=lora, **common)
     if init != "teacher":
         raise ConfigError(f"unknown student init {init!r}; valid inits: {', '.join(INITS)}")
@@ -304,6 +312,8 @@ def build_student(name: str, teacher: Teacher, init: str = "teacher", **kwargs: 
         raise ConfigError(f"student init: teacher copies the teacher's network, but {type(teacher).__name__} has no "
                           "network to copy; use init: fresh")
     backbone, precond = _teacher_specs(teacher, name)
+    if guidance_spec is not None:
+        backbone["guidance"] = guidance_spec
     student = cls(backbone=backbone, precond=precond, **common)
     src = teacher.net.state_dict()
     if name == "flowmap":

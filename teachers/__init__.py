@@ -16,7 +16,7 @@ from .analytic import GaussianMixtureTeacher, empirical, grid, mixture, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
 from .latent import DiTTeacher, TextLatentTeacher, load_diffusers_folder
-from .shipped import digits_teacher, empirical_digits, load_shipped_teacher
+from .shipped import digits_cond_teacher, digits_teacher, empirical_digits, load_shipped_teacher
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("ring")(ring)
@@ -24,6 +24,7 @@ TEACHERS.register("grid")(grid)
 TEACHERS.register("mixture")(mixture)
 TEACHERS.register("diffusers")(load_diffusers_folder)  # dispatches: pixel UNet, SD/SDXL, DiT, SD3
 TEACHERS.register("digits")(digits_teacher)
+TEACHERS.register("digits_cond")(digits_cond_teacher)
 TEACHERS.register("empirical_digits")(empirical_digits)
 
 

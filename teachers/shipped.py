@@ -3,6 +3,10 @@
 * ``digits``: a 1.1 M-parameter diffusers ``UNet2DModel`` with EDM preconditioning trained on scikit-learn's 1,797
   8x8 digits by ``scripts/train_teacher.py`` (record in ``docs/teacher_digits.md``); loads offline in well under a
   second, so ``distill train`` works on a laptop CPU.
+* ``digits_cond``: the same network and EDM recipe trained class-conditional (``num_class_embeds = 11``: the ten
+  digits and a null class, label 10, trained in place of the label with probability 0.1), so classifier-free guidance
+  ``D_w = D(x, null) + w (D(x, y) - D(x, null))`` is available for guidance distillation (``scripts/train_teacher.py
+  --conditional``; record in ``docs/teacher_digits.md``).
 * ``empirical_digits``: the exact denoiser of the empirical distribution of those same digits (a mixture of point
   masses): no training error, but it memorises — the closed-form reference, not a generative model.
 """
@@ -17,7 +21,7 @@ from .analytic import GaussianMixtureTeacher, empirical
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
 
 __all__ = ["SHIPPED_ROOT", "SHIPPED_TEACHERS", "shipped_teacher_path", "load_shipped_teacher", "digits_teacher",
-           "empirical_digits"]
+           "digits_cond_teacher", "empirical_digits"]
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 
@@ -25,6 +29,8 @@ SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 SHIPPED_TEACHERS: dict[str, str] = {
     "digits": "python scripts/train_teacher.py --dataset digits --out teachers/shipped/digits",
     "mnist": "python scripts/train_teacher.py --dataset mnist --out teachers/shipped/mnist",
+    "digits_cond": "python scripts/train_teacher.py --conditional --steps 5000 --seed 0 --threads 1 "
+                   "--out teachers/shipped/digits_cond",
 }
 
 
@@ -47,6 +53,12 @@ def load_shipped_teacher(name: str = "digits") -> DiffusersTeacher:
 def digits_teacher() -> DiffusersTeacher:
     """The shipped 8x8 digits teacher (EDM, sigma in [0.002, 80], sigma_data 0.5, data in [-1, 1])."""
     return load_shipped_teacher("digits")
+
+
+def digits_cond_teacher() -> DiffusersTeacher:
+    """The shipped class-conditional 8x8 digits teacher (as :func:`digits_teacher`, plus labels 0-9 and the null
+    class 10 for classifier-free guidance)."""
+    return load_shipped_teacher("digits_cond")
 
 
 def empirical_digits(std: float = 0.0) -> GaussianMixtureTeacher:

@@ -300,7 +300,7 @@ def test_wrong_input_shape_names_both_shapes():
 def test_shipped_loader_errors(tmp_path, monkeypatch):
     import teachers.shipped as shipped
 
-    with pytest.raises(ConfigError, match="valid names: digits, mnist"):
+    with pytest.raises(ConfigError, match="valid names: digits, digits_cond, mnist"):
         shipped.shipped_teacher_path("cifar")
     monkeypatch.setattr(shipped, "SHIPPED_ROOT", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"digits.*python scripts/train_teacher\.py"):
