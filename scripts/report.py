@@ -588,6 +588,96 @@ def budgets(root: Path) -> str:
     return "\n".join(lines)
 
 
+def _rows(rec: Any) -> list[dict[str, Any]]:
+    return rec["rows"] if isinstance(rec, dict) else rec
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3g} ± {sd:.2g}"
+
+
+GUIDANCE = BENCH / "guidance"
+
+
+def guidance(root: Path) -> str:
+    """Issue 13's guidance distillation on the class-conditional digits teacher: the teacher's guided Heun-35 FID and
+    per-class FID at each w, the guidance-conditioned student's at 1/2 NFE, and the bar (per-class FID within 1.5x the
+    teacher's at the same w, for two values of w)."""
+    out = ["| w | teacher FID | teacher per-class FID | student 1 NFE: FID / per-class (x teacher) | "
+           "student 2 NFE: FID / per-class (x teacher) | records |", "|---|---|---|---|---|---|"]
+    met = []
+    for w in (1, 2, 3):
+        t_rel = GUIDANCE / f"teacher_w{w}" / "teacher_solvers.json"
+        s_rel = next((r for r in (GUIDANCE / f"cd_w{w}" / "eval.json", GUIDANCE / f"cd_w{w}" / "eval_exported.json")
+                      if (root / r).is_file()), None)
+        t_rec, s_rec = _load(t_rel, root), (_load(s_rel, root) if s_rel else None)
+        if not t_rec or not s_rec:
+            out.append(f"| {w} | " + _missing(t_rel if not t_rec else GUIDANCE / f"cd_w{w}",
+                                               "see docs/bench/guidance/README.md") + " | | | | |")
+            continue
+        t_rows = [r for r in _rows(t_rec) if r["model"] == "teacher" and r["sampler"] == "heun"]
+        t_fid = [r["score"] for r in t_rows]
+        t_pc = [r["record"]["extra"]["per_class_fid_mean"] for r in t_rows]
+        cells = []
+        for k in (1, 2):
+            rs = [r for r in _rows(s_rec) if r["sampler"] == "student" and r["nfe"] == k]
+            fid = [r["score"] for r in rs]
+            pc = [r["record"]["extra"]["per_class_fid_mean"] for r in rs]
+            ratio = statistics.mean(pc) / statistics.mean(t_pc) if pc and t_pc else float("nan")
+            cells.append(f"{_mean_sd(fid)} / {_mean_sd(pc)} ({ratio:.2f}x)")
+            if ratio <= 1.5:
+                met.append((w, k))
+        out.append(f"| {w} | {_mean_sd(t_fid)} | {_mean_sd(t_pc)} | {cells[0]} | {cells[1]} | `{t_rel}`, `{s_rel}` |")
+    ws = sorted({w for w, _ in met})
+    out += ["", f"Bar (per-class FID within 1.5x the teacher's guided Heun-35 at the same w, for two values of w): "
+                f"{'**met**' if len(ws) >= 2 else '**not met**'} - within 1.5x at w = {ws or 'none'} "
+                f"(NFE: {', '.join(f'w={w}: {k}' for w, k in met) or 'none'}). Mean ± sd over the records' sampling "
+                f"seeds; one training seed."]
+    svt = _load(GUIDANCE / "student_vs_teacher.json", root)
+    if svt:
+        out += ["", "Student vs the guided teacher directly (Fréchet distance between the two sample sets, digits "
+                    "features, seed 0; the teacher's own seed 0 vs seed 1 distance is the floor):", "",
+                "| w | teacher seed 0 vs 1: FD / per-class | student 1 NFE vs teacher | student 2 NFE vs teacher |",
+                "|---|---|---|---|"]
+        for r in svt:
+            floor = r.get("teacher_seed0_vs_seed1")
+
+            def cell(d: dict[str, Any] | None) -> str:
+                return "–" if not d else f"{d['fd']:.3g} / {d['per_class_fd_mean']:.3g}"
+            out.append(f"| {r['guidance']:g} | {cell(floor)} | {cell(r.get('student_1nfe_vs_teacher'))} | "
+                       f"{cell(r.get('student_2nfe_vs_teacher'))} |")
+        out += ["", f"_Record `{GUIDANCE / 'student_vs_teacher.json'}` (docs/bench/guidance/student_vs_teacher.py)._"]
+    return "\n".join(out)
+
+
+def memory(root: Path) -> str:
+    """Issue 13's memory bar: ``distill train --dry-run``'s estimate vs the measured peak
+    (``scripts/bench_memory.py``)."""
+    rel = BENCH / "memory.json"
+    rec = _load(rel, root)
+    if not rec:
+        return _missing(rel, f"python scripts/bench_memory.py --json {rel}")
+    mb = 2 ** 20
+    out = ["| case | batch | weights | optimizer | step memory | runtime | estimate | measured | estimate / measured |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        e, m = r["estimate"], r["measured"]
+        out.append(f"| {r['case']} | {r['batch_size']} | {sum(e['weights'].values()) / mb:.1f} | "
+                   f"{e['optimizer'] / mb:.1f} | {e['step']['total'] / mb:.1f} | "
+                   f"{e.get('runtime_overhead', 0) / mb:.1f} | "
+                   f"{e['total'] / mb:.1f} | {m['measured'] / mb:.1f} | {r['ratio']:.2f} |")
+    ok = sum(r["within_25pct"] for r in rec["rows"])
+    env = rec.get("environment") or {}
+    out += ["", f"MB = MiB. Within 25%: {ok} of {len(rec['rows'])} cases. Measured = the weights + the process's "
+                f"resident-memory growth from after the build to its peak over {rec['iters']} iterations (CPU; "
+                f"`distill.memory.measure_peak`). _Record `{rel}` (scripts/bench_memory.py): "
+                f"{env.get('machine', '?')}, commit `{commit_of(env)}`._"]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
     "history-dmd2": history_dmd2,
@@ -597,6 +687,9 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "overhead": overhead,
     "cost": cost_block("cost.json"),
     "cost-gpu": cost_block("cost_gpu.json"),
+    "cost-lora": cost_block("cost_lora.json"),
+    "guidance": guidance,
+    "memory": memory,
     "budgets": budgets,
     "ring-floor": ring_floor,
     "speedup": speedup,
