@@ -416,7 +416,7 @@ def test_setup_errors():
     student = build_student("generator", teacher, init="fresh", hidden=8, depth=1)
     with pytest.raises(ConfigError, match="fake_init='fresh'"):
         build_loss("fdistill").setup(student, teacher, ctx())
-    with pytest.raises(ConfigError, match="class-conditional"):
+    with pytest.raises(ConfigError, match="needs a conditional"):
         build_loss("fdistill", fake_init="fresh", guidance=2.0).setup(student, teacher, ctx())
     with pytest.raises(RuntimeError, match="setup"):
         build_loss("fdistill")("student", student, teacher, batch(size=2), ctx())

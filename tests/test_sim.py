@@ -198,5 +198,5 @@ def test_registered_defaults_and_config_errors():
         with pytest.raises(ConfigError, match=match):
             build_loss("sim", **kw)
     student = build_student("generator", ring(), init="fresh", hidden=8, depth=1)
-    with pytest.raises(ConfigError, match="class-conditional"):
+    with pytest.raises(ConfigError, match="needs a conditional"):
         build_loss("sim", fake_init="residual", guidance=2.0).setup(student, ring(), ctx())
