@@ -725,6 +725,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-grid_cont": suite("grid_cont"),
     "suite-digits_cont": suite("digits_cont"),
     "curve-digits_cont": curve("digits_cont"),
+    "suite-digits_cont_long": suite("digits_cont_long"),
+    "curve-digits_cont_long": curve("digits_cont_long"),
     "cost-cont": cost_block("cost_cont.json"),
 }
 
