@@ -47,26 +47,14 @@ CASES = ["digits_cd", "digits_dmd2", "digits_sid", "tiny_sd_cd", "tiny_sd_dmd2",
 
 def latent_config(case: str, work: Path, batch: int) -> Path:
     """A config for ``tiny_sd_<loss>`` on a tiny SD-style pipeline written under ``work``."""
-    from _tiny_models import sd_folder, write_prompts
+    from _tiny_models import sd_folder, write_prompts, write_run_config
 
     folder = work / "sd" if (work / "sd").is_dir() else sd_folder(work)
     prompts = work / "prompts.txt" if (work / "prompts.txt").is_file() else write_prompts(work)
     loss, student, phases = LATENT_LOSSES[case.split("_")[-1]]
-    optim = "\n".join(f"  {ph}: {{name: adam, lr: 1.0e-4{extra}}}" for ph, extra in phases.items())
-    cfg = work / f"{case}.yaml"
-    cfg.write_text(f"""name: {case}
-out_dir: {work / case}
-teacher: {{name: diffusers, path: {folder}, prompts: {prompts}, cache_dir: {work / 'cache'}}}
-student: {{name: {student}, init: teacher}}
-loss: {loss}
-data: {{name: null, batch_size: {batch}}}
-optim:
-{optim}
-ema: {{decay: 0.99}}
-trainer: {{max_steps: 10, log_every: 1, ckpt_every: 0, grid_every: 0, progress_bar: false, num_threads: 1}}
-eval: {{nfe: [1], every: 0}}
-""")
-    return cfg
+    return write_run_config(work / f"{case}.yaml", name=case, out_dir=work / case, teacher=folder, prompts=prompts,
+                            cache_dir=work / "cache", student=student, loss=loss, phases=phases,
+                            batch_size=batch, ema=0.99, steps=10)
 
 
 def measure_one(config: str, overrides: list[str], iters: int) -> dict[str, Any]:

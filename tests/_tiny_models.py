@@ -152,3 +152,26 @@ def write_prompts(root: Path, prompts: list[str] | None = None) -> Path:
     f = root / "prompts.txt"
     f.write_text("\n".join(prompts or PROMPTS) + "\n")
     return f
+
+
+def write_run_config(path: Path, *, name: str, out_dir: Path, teacher: Path, prompts: Path | None, cache_dir: Path,
+                     student: str, loss: str, phases: dict[str, str], lr: float = 1e-4, batch_size: int = 4,
+                     ema: float = 0.9, steps: int = 3, nfe: tuple[int, ...] = (1,), extra: str = "") -> Path:
+    """A ``distill train`` config for a few iterations on a tiny teacher folder (tests and
+    ``scripts/bench_memory.py``): ``phases`` maps each optimizer phase to extra optimizer keys (e.g.
+    ``", betas: [0.0, 0.999]"``); ``prompts=None`` for label-conditional (DiT) teachers; ``extra`` is appended."""
+    optim = "\n".join(f"  {ph}: {{name: adam, lr: {lr}{x}}}" for ph, x in phases.items())
+    prompt_key = "" if prompts is None else f", prompts: {prompts}"
+    path.write_text(f"""name: {name}
+out_dir: {out_dir}
+teacher: {{name: diffusers, path: {teacher}{prompt_key}, cache_dir: {cache_dir}}}
+student: {{name: {student}, init: teacher}}
+loss: {loss}
+data: {{name: null, batch_size: {batch_size}}}
+optim:
+{optim}
+ema: {{decay: {ema}}}
+trainer: {{max_steps: {steps}, log_every: 1, ckpt_every: 0, grid_every: 0, progress_bar: false, num_threads: 1}}
+eval: {{nfe: [{', '.join(map(str, nfe))}], every: 0}}
+{extra}""")
+    return path

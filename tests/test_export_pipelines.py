@@ -33,23 +33,12 @@ def _train_and_export(folders, tmp_path, kind, loss, student, steps=3, extra="")
     """A ``steps``-iteration ``distill train`` on the tiny ``kind`` teacher, exported with ``distill export``."""
     from distill.cli import main
 
-    prompts = "" if kind == "dit" else f", prompts: {folders['prompts']}"
     phases = {"student": ""} if student == "consistency" else {"student": ", betas: [0.0, 0.999]",
                                                                "critic": ", betas: [0.0, 0.999]"}
-    optim = "\n".join(f"  {ph}: {{name: adam, lr: 1.0e-3{x}}}" for ph, x in phases.items())
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""name: tiny_{kind}
-out_dir: {tmp_path / 'run'}
-teacher: {{name: diffusers, path: {folders[kind]}{prompts}, cache_dir: {tmp_path / 'cache'}}}
-student: {{name: {student}, init: teacher}}
-loss: {loss}
-data: {{name: null, batch_size: 2}}
-optim:
-{optim}
-ema: {{decay: 0.5}}
-trainer: {{max_steps: {steps}, log_every: 1, ckpt_every: 0, grid_every: 0, progress_bar: false, num_threads: 1}}
-eval: {{nfe: [1, 2], every: 0}}
-{extra}""")
+    cfg = tm.write_run_config(tmp_path / "run.yaml", name=f"tiny_{kind}", out_dir=tmp_path / "run",
+                              teacher=folders[kind], prompts=None if kind == "dit" else folders["prompts"],
+                              cache_dir=tmp_path / "cache", student=student, loss=loss, phases=phases, lr=1e-3,
+                              batch_size=2, ema=0.5, steps=steps, nfe=(1, 2), extra=extra)
     assert main(["train", str(cfg), "--no-final-eval"]) == 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
     return tmp_path / "export"

@@ -241,22 +241,13 @@ def test_wrong_or_incomplete_folders_fail_with_one_line(folders, tmp_path):
 
 
 def _train_cfg(folders, tmp_path, loss: str, student: str, phases: dict[str, str], name: str, steps: int = 3):
+    from _tiny_models import write_run_config
+
     from distill.config import load_config
 
-    cfg = tmp_path / f"{name}.yaml"
-    optim = "\n".join(f"  {ph}: {{name: adam, lr: 1.0e-4{extra}}}" for ph, extra in phases.items())
-    cfg.write_text(f"""name: tiny_sd_{name}
-out_dir: {tmp_path / name}
-teacher: {{name: diffusers, path: {folders['sd']}, prompts: {folders['prompts']}, cache_dir: {tmp_path / 'cache'}}}
-student: {{name: {student}, init: teacher}}
-loss: {loss}
-data: {{name: null, batch_size: 4}}
-optim:
-{optim}
-ema: {{decay: 0.9}}
-trainer: {{max_steps: {steps}, log_every: 1, ckpt_every: 0, grid_every: 0, progress_bar: false, num_threads: 1}}
-eval: {{nfe: [1], every: 0}}
-""")
+    cfg = write_run_config(tmp_path / f"{name}.yaml", name=f"tiny_sd_{name}", out_dir=tmp_path / name,
+                           teacher=folders["sd"], prompts=folders["prompts"], cache_dir=tmp_path / "cache",
+                           student=student, loss=loss, phases=phases, steps=steps)
     return load_config(cfg, [])
 
 
