@@ -447,11 +447,36 @@ def bars(root: Path) -> str:
     out += _digits_traj_bars("digits_traj", _load(BENCH / "digits_traj.json", root))
     out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
     out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
-    for suite_name in ("ring_cont", "ring_jvp", "digits_cont"):
+    out += _digits_cont_bars("digits_cont_long", _load(BENCH / "digits_cont_long.json", root))
+    for suite_name in ("ring_cont", "ring_jvp", "digits_cont", "digits_cont_long", "ring_scm_seeds"):
         out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
+    out += _issue13_bars(root)
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
+
+
+def _issue13_bars(root: Path) -> list[str]:
+    """Issue 13's measured bars: the --dry-run estimate within 25% of the measured peak (every case of
+    ``memory.json``), and guidance distillation's per-class FID within 1.5x the guided teacher at two values of w
+    (the ``guidance`` block's check)."""
+    out = []
+    mem = _load(BENCH / "memory.json", root)
+    if mem:
+        ratios = [r["ratio"] for r in mem["rows"]]
+        ok = all(r["within_25pct"] for r in mem["rows"])
+        out.append(f"| --dry-run memory estimate within 25% of the measured peak ({len(ratios)} cases: CD, DMD2, SiD "
+                   f"on digits and a tiny latent teacher) | estimate / measured {min(ratios):.2f}-{max(ratios):.2f} | "
+                   f"{'yes' if ok else 'no'} |")
+    block = guidance(root)
+    verdict = next((line for line in block.splitlines() if line.startswith("Bar (per-class")), None)
+    if verdict:
+        met = "**met**" in verdict
+        within = verdict.split(" - ", 1)[1].split(". Mean")[0] if " - " in verdict else verdict
+        out.append(f"| guidance distillation: per-class FID within 1.5x the guided teacher's Heun-35 at two w "
+                   f"(digits_cond; see the guidance section for what FID cannot tell) | {within} | "
+                   f"{'yes' if met else 'no'} |")
+    return out
 
 
 def _one_step_digits_bars(name: str, rec: dict[str, Any] | None) -> list[str]:
