@@ -703,6 +703,30 @@ def memory(root: Path) -> str:
     return "\n".join(out)
 
 
+def per_seed(name: str) -> Callable[[Path], str]:
+    """Each training seed's score at each NFE (mean over its sampling seeds) of suite ``name``: for recipes whose
+    seeds split into separate outcomes, which a mean +- sd hides."""
+    def render(root: Path) -> str:
+        rel = BENCH / f"{name}.json"
+        rec = _load(rel, root)
+        if not rec:
+            return _missing(rel, f"python scripts/bench.py {name}")
+        nfes = rec["definition"]["nfe"]
+        out = ["| config | training seed | " + " | ".join(f"@ {k} NFE" for k in nfes) + " | skipped steps |",
+               "|---|---|" + "---|" * (len(nfes) + 1)]
+        for cfg, runs in rec["runs"].items():
+            for r in runs:
+                cells = []
+                for k in nfes:
+                    xs = [e["score"] for e in r["eval"] if e["nfe"] == k and not e["model"].startswith("teacher")]
+                    cells.append(f"{statistics.mean(xs):.3g}" if xs else "–")
+                out.append(f"| {cfg} | {r['seed']} | " + " | ".join(cells) + f" | {r.get('skipped_steps', 0)} |")
+        return "\n".join(out + ["", f"_Record `{rel}` (scripts/bench.py); mean over sampling seeds "
+                                     f"{rec['definition']['sample_seeds']}._"])
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
     "history-dmd2": history_dmd2,
@@ -751,6 +775,9 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_cont": suite("digits_cont"),
     "curve-digits_cont": curve("digits_cont"),
     "suite-digits_cont_long": suite("digits_cont_long"),
+    "suite-ring_scm_seeds": suite("ring_scm_seeds"),
+    "seeds-ring_scm_seeds": per_seed("ring_scm_seeds"),
+    "seeds-ring_cont": per_seed("ring_cont"),
     "curve-digits_cont_long": curve("digits_cont_long"),
     "cost-cont": cost_block("cost_cont.json"),
 }
