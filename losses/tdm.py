@@ -238,6 +238,7 @@ class TDM(reg.RegressionWarmStart, DistillLoss):
         return {"x0_hat": x0_hat, "x_tau": x_tau, "tau": tau, "s": s, "k": k, "xi": xi}
 
     def _critic(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        parts.check_single_guidance(batch.labels)  # the fake score has no guidance input
         c = self.construct(student, teacher, batch, ctx, grad=False)
         x0, tau = c["x0_hat"].detach(), c["tau"]
         omega = importance_weight(c["x_tau"], x0, c["xi"], tau)

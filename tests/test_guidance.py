@@ -333,3 +333,29 @@ def test_shipped_conditional_digits_teacher_loads_and_uses_its_labels():
         wrong = (t(x + n, s, (y + 5) % 10) - x).pow(2).mean()
         null = (t(x + n, s, torch.full_like(y, 10)) - x).pow(2).mean()
     assert right < null < wrong
+
+
+def test_distribution_matching_refuses_a_range_of_scales_but_takes_one(tmp_path):
+    """DMD2's fake score (a copy of the conditional digits teacher) has no guidance input: with w drawn from a range
+    it would model the generator mixed over w, so the critic step refuses it in one line; one scale trains."""
+    from distill.config import load_config
+    from distill.core.registry import ConfigError
+    from distill.train import build_module
+
+    def module(lo_hi: str):
+        cfg = load_config(ROOT / "configs" / "digits_dmd2.yaml", [
+            "teacher.name=digits_cond", "student.guidance_input=true", f"data.guidance={lo_hi}",
+            "data.batch_size=4", "trainer.num_threads=1", "eval.every=0", f"out_dir={tmp_path / lo_hi[1:4]}",
+            "loss.critic_updates=1", "loss.regression_steps=0"])
+        m = build_module(cfg)
+        m.prepare()
+        m.configure_optimizers()
+        return m
+
+    with pytest.raises(ConfigError, match=r"one scale, data.guidance: \[w, w\]") as e:
+        module("[1.0,3.0]").iterate()
+    assert "\n" not in str(e.value)
+    m = module("[2.0,2.0]")
+    for _ in range(2):
+        m.iterate()
+    assert int(m.skipped_steps) == 0

@@ -9,7 +9,14 @@ inherited. Not losses themselves: ``losses._import_all`` skips this package.
 * :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch.
 """
 
-from .fake_score import FAKE_INITS, ResidualFakeScore, build_fake_score, check_fake_config, fake_dsm_loss
+from .fake_score import (
+    FAKE_INITS,
+    ResidualFakeScore,
+    build_fake_score,
+    check_fake_config,
+    check_single_guidance,
+    fake_dsm_loss,
+)
 from .functional import dmd_gradient, dsm_loss, edm_loss_weight, gradient_injection_loss, mean_dims
 from .gan import (
     FeatureTap,
@@ -36,6 +43,7 @@ __all__ = [
     "build_fake_score",
     "check_fake_config",
     "fake_dsm_loss",
+    "check_single_guidance",
     "dmd_gradient",
     "dsm_loss",
     "edm_loss_weight",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.core.cond import cond_guidance
 from distill.core.conversions import append_dims
 from distill.core.precond import edm_scalings
 from distill.core.registry import ConfigError
@@ -138,6 +139,19 @@ def fake_dsm_loss(fake: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor, cond
     Returns:
         ``[B]`` per-sample losses.
     """
+    check_single_guidance(cond)
     x = x.detach()
     x_t = x + append_dims(sigma, x.ndim) * noise
     return dsm_loss(fake.denoise(x_t, sigma, cond), x, sigma, sigma_data)
+
+
+def check_single_guidance(cond: Any) -> None:
+    """Refuse a batch whose samples carry *different* guidance scales (``data.guidance: [lo, hi]`` with lo < hi).
+    A fake score has no guidance input (a teacher copy reads only the labels, a fresh MLP rejects the scale), so it
+    would learn the generator's samples mixed over w while the teacher's score is taken at each sample's own w:
+    distribution matching against the wrong target. One scale (``data.guidance: [w, w]``) has no such mismatch.
+    The check reads the scales on the host (one small sync per critic step, only for guidance-carrying batches)."""
+    w = cond_guidance(cond)
+    if w is not None and w.numel() > 1 and bool((w != w.reshape(-1)[0]).any()):
+        raise ConfigError("a fake score has no guidance input, so it cannot follow a range of guidance scales "
+                          "(data.guidance: [lo, hi] with lo < hi); use one scale, data.guidance: [w, w]")
