@@ -212,8 +212,10 @@ def results(root: Path) -> str:
     """The README's headline table: each suite's students at 1/2/4 NFE next to the teacher's Heun-35."""
     lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
     notes = []
-    for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont", "ring",
-                 "ring_score", "ring_traj", "ring_cont"):
+    # suites that re-run a config another suite has (more seeds, longer runs) are labelled with their name
+    again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds"}
+    for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont",
+                 "digits_cont_long", "ring", "ring_score", "ring_traj", "ring_cont", "ring_scm_seeds"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
@@ -230,7 +232,8 @@ def results(root: Path) -> str:
         for cfg, s in students.items():
             c = s["cells"]
             over = next(iter(c.values()))[2] if c else ""
-            lines.append(f"| {cfg}, {s['iterations']} it ({s['label'] or rec['metric']}) | " +
+            tag = f" [{name}: {again[name]}]" if name in again else ""
+            lines.append(f"| {cfg}{tag}, {s['iterations']} it ({s['label'] or rec['metric']}) | " +
                          " | ".join(fmt(c[k][0], c[k][1]) if k in c else "–" for k in (1, 2, 4)) +
                          f" | {fmt(*ref) if ref else '–'} | {over} |")
         best = {k: min(((d[k][0], n) for n, d in teachers.items() if k in d and n.count("/")), default=None)
