@@ -160,9 +160,9 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
 
     latent_kw = exported_eval_kwargs(args.student, sampling)
     rows = []
+    w = student_guidance(student, ev.guidance)
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
-            w = student_guidance(student, ev.guidance)
             x, nfe, _ = generate_student(student, int(k), ev.n_samples, seed, plan, batch_size=ev.batch_size,
                                          num_classes=sampling.get("num_classes"), guidance=w, **latent_kw)
             labels = eval_labels(ev.n_samples, seed, sampling.get("num_classes"))

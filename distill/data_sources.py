@@ -16,8 +16,8 @@ in ``batch.labels`` (:func:`with_guidance`). The teacher applies it (``Teacher.f
 student takes it as input (``student.guidance_input``), so every loss distils the guided teacher without a guidance
 option of its own (LCM arXiv:2310.04378 §4.2 samples ``w`` the same way). A loss's own ``guidance`` option must stay 1
 (``distill.core.cond.split_guidance`` raises otherwise). Limitation: the fake scores of the distribution-matching
-losses (DMD2, SiD, SIM, f-distill) condition on the labels only, so under a *range* of ``w`` they model the
-generator's distribution mixed over ``w``; a fixed scale (``[w, w]``) has no such mismatch.
+losses (DMD2, SiD, SIM, f-distill, TDM) have no guidance input, so those losses refuse a *range* of ``w``
+(:func:`losses.parts.check_single_guidance`); a fixed scale (``[w, w]``) has no such mismatch.
 """
 
 from __future__ import annotations

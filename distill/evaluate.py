@@ -226,8 +226,7 @@ def eval_labels(n: int, seed: int, num_classes: int | None, probs: Tensor | None
 
 def student_guidance(student: Any, guidance: float) -> float | None:
     """``guidance`` if ``student`` takes a guidance scale as input (a backbone ``guidance`` spec), else ``None``."""
-    cfg = student.config() if hasattr(student, "config") else {}
-    return float(guidance) if cfg.get("backbone", {}).get("guidance") else None
+    return float(guidance) if getattr(student, "takes_guidance", False) else None
 
 
 def _noise(shape: tuple[int, ...], n: int, seed: int, num_classes: int | None,

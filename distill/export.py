@@ -239,7 +239,7 @@ def export_consistency_pipeline(student: Any, folder: Path, sampling: dict[str, 
                                   "with distill.export.load_exported")
     cfg = student.config()
     bb, pre = cfg["backbone"], cfg.get("precond", {})
-    if bb.get("guidance"):
+    if student.takes_guidance:
         raise NotImplementedError("ConsistencyModelPipeline has no guidance-scale input; a guidance-conditioned "
                                   "student loads with distill.export.load_exported")
     if bb.get("type") != "unet" or bb.get("model", "UNet2DModel") != "UNet2DModel" \

@@ -86,8 +86,7 @@ def export_latent_pipeline(student: Any, folder: Path, sampling: dict[str, Any],
     if skind not in ("generator", "consistency"):
         raise NotImplementedError(f"a {skind} student has no {pipeline} scheduler (generator and consistency "
                                   "students export)")
-    bb = student.config()["backbone"]
-    if any("guidance" in k for k in bb):
+    if student.takes_guidance:
         raise NotImplementedError(f"{pipeline} cannot pass this student's guidance input")
     net_sub = "transformer" if kind in ("dit", "sd3") else "unet"
     net = student.net.unet

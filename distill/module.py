@@ -96,8 +96,7 @@ class DistillModule(L.LightningModule):
         self.providers = build_providers(self.specs, teacher, self.data_cfg)
         self.guidance_range = check_guidance_range(self.data_cfg.get("guidance"))
         if self.guidance_range is not None:
-            backbone = student.config().get("backbone", {}) if hasattr(student, "config") else {}
-            if not backbone.get("guidance"):
+            if not getattr(student, "takes_guidance", False):
                 raise ConfigError("data.guidance draws a guidance scale per sample, which the student must take as an "
                                   "input: set student.guidance_input: true")
             own = getattr(loss, "guidance", 1.0)
@@ -123,7 +122,8 @@ class DistillModule(L.LightningModule):
     @property
     def conditional(self) -> bool:
         """Whether the student is trained (and sampled) with class labels: the data's labels
-        (``data.conditional``), or uniform labels of a class-conditional teacher for data-free losses."""
+        (``data.conditional``), or the conditions of a conditional teacher (``teacher.sample_cond``: class labels or
+        prompts) for data-free losses."""
         if self.data_cfg.get("conditional"):
             return True
         teacher_cond = getattr(self.teacher, "conditional", bool(getattr(self.teacher, "num_classes", None)))

@@ -104,6 +104,12 @@ class _Student(FlowMapStudent):
         if lora is not None:
             self.enable_lora(lora)
 
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the backbone takes the classifier-free-guidance scale ``cond.guidance`` as an input (built with
+        ``guidance_input``; its spec is the backbone's ``"guidance"`` entry)."""
+        return bool(self.backbone.get("guidance"))
+
     def lora_net(self) -> nn.Module:
         """The network LoRA adapters go into: the diffusers model of a UNet backbone, else the backbone itself."""
         return getattr(self.net, "unet", self.net)
