@@ -35,7 +35,7 @@ def main() -> None:
         raise SystemExit(f"make_tiny_teacher: {str(out)!r} exists; give a new folder")
     import _tiny_models as tm
 
-    builder = {"sd": tm.sd_folder, "sdxl": tm.sdxl_folder, "dit": tm.dit_folder, "sd3": tm.sd3_folder}[args.kind]
+    builder = tm.BUILDERS[args.kind]
     with tempfile.TemporaryDirectory() as tmp:
         folder = builder(Path(tmp), seed=args.seed)
         if args.kind != "dit":

@@ -154,6 +154,18 @@ def write_prompts(root: Path, prompts: list[str] | None = None) -> Path:
     return f
 
 
+#: kind -> the builder of its tiny pipeline folder (``scripts/make_tiny_teacher.py`` uses the same names)
+BUILDERS = {"sd": sd_folder, "sdxl": sdxl_folder, "dit": dit_folder, "sd3": sd3_folder}
+
+
+def all_folders(root: Path) -> dict[str, Path]:
+    """Every tiny pipeline folder under ``root`` (keyed by kind) and ``prompts`` (the prompts file): the tests'
+    ``folders`` fixtures."""
+    out = {k: build(root) for k, build in BUILDERS.items()}
+    out["prompts"] = write_prompts(root)
+    return out
+
+
 def write_run_config(path: Path, *, name: str, out_dir: Path, teacher: Path, prompts: Path | None, cache_dir: Path,
                      student: str, loss: str, phases: dict[str, str], lr: float = 1e-4, batch_size: int = 4,
                      ema: float = 0.9, steps: int = 3, nfe: tuple[int, ...] = (1,), extra: str = "") -> Path:

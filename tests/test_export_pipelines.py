@@ -16,17 +16,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _tiny_models as tm  # noqa: E402
 
 torch.set_num_threads(1)
-BUILDERS = {"sd": tm.sd_folder, "sdxl": tm.sdxl_folder, "dit": tm.dit_folder, "sd3": tm.sd3_folder}
 CD = "{name: cd, num_levels: 6, solver: euler, x0_source: teacher, teacher_steps: 2}"
 DMD2 = "{name: dmd2, critic_updates: 1, fake_init: teacher}"
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    out = {k: b(root) for k, b in BUILDERS.items()}
-    out["prompts"] = tm.write_prompts(root)
-    return out
+    return tm.all_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def _train_and_export(folders, tmp_path, kind, loss, student, steps=3, extra=""):

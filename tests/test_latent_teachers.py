@@ -25,15 +25,11 @@ from teachers import build_teacher  # noqa: E402
 from teachers.latent import DiTTeacher, TextLatentTeacher  # noqa: E402
 
 torch.set_num_threads(1)
-BUILDERS = {"sd": tm.sd_folder, "sdxl": tm.sdxl_folder, "dit": tm.dit_folder, "sd3": tm.sd3_folder}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    out = {k: b(root) for k, b in BUILDERS.items()}
-    out["prompts"] = tm.write_prompts(root)
-    return out
+    return tm.all_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def _teacher(folders, kind, **kw):
@@ -51,7 +47,7 @@ def _pipeline(folder):
     return getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **kw)
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(tm.BUILDERS))
 def test_loads_from_folder(folders, kind):
     t = _teacher(folders, kind)
     assert isinstance(t, DiTTeacher if kind == "dit" else TextLatentTeacher)
