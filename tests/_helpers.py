@@ -72,3 +72,26 @@ class ExactGaussianFake(nn.Module):
     def denoise(self, x, sigma, cond=None):
         a, b = self.gen.a.detach().abs(), self.gen.b.detach()
         return gaussian_denoiser(x, sigma, b if cond is None else b[cond][:, None], a)
+
+
+def assert_resume_exact(make_cfg, steps: int, split: int | None = None, tag: str = "") -> dict:
+    """Train ``steps`` iterations straight, and ``split`` (default ``steps // 2``) + resume + the rest in another run
+    (``make_cfg(name, steps)`` -> a config whose ``out_dir`` ends in ``name``); assert the two final checkpoints are
+    equal bit for bit: every state-dict tensor and every optimizer state. Returns the straight run's checkpoint."""
+    from pathlib import Path
+
+    from distill.train import run_training
+
+    run_training(make_cfg("straight", steps), final_eval=False)
+    run_training(make_cfg("split", split if split is not None else steps // 2), final_eval=False)
+    run_training(make_cfg("split", steps), resume=True, final_eval=False)
+    a, b = (torch.load(Path(make_cfg(name, steps).out_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "split"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{tag}: {k} differs after resume"
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for i, st in oa["state"].items():
+            for key, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][key])), (tag, i, key)
+    return a

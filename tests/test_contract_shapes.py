@@ -13,9 +13,10 @@ from pathlib import Path
 import dummy_losses  # noqa: F401  (registers the dummy losses)
 import pytest
 import torch
+from _helpers import assert_resume_exact
 
 from distill.config import load_config
-from distill.train import build_module, run_training
+from distill.train import build_module
 from teachers import DiffusersTeacher
 from teachers.nets import small_unet
 
@@ -50,18 +51,7 @@ def cfg_for(loss: str, tmp: Path, name: str, steps: int, **over: str):
 
 
 def train_and_resume(loss: str, tmp: Path) -> dict:
-    run_training(cfg_for(loss, tmp, "straight", STEPS), final_eval=False)
-    run_training(cfg_for(loss, tmp, "split", STEPS // 2), final_eval=False)
-    run_training(cfg_for(loss, tmp, "split", STEPS), resume=True, final_eval=False)
-    a = torch.load(tmp / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp / "split" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), f"{loss}: {k} differs after resume"
-    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for i, st in oa["state"].items():
-            for key, v in st.items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][key])), (loss, i, key)
+    a = assert_resume_exact(lambda name, steps: cfg_for(loss, tmp, name, steps), STEPS, tag=loss)
     assert int(a["state_dict"]["iteration"]) == STEPS
     return a
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import assert_resume_exact
 
 from distill.config import load_config
 from distill.core.ema import make_ema
@@ -145,20 +146,9 @@ def lora_cfg(tmp: Path, name: str, steps: int, loss: str = "cd", **over: str):
 def test_adapter_only_checkpoints_resume_exactly(tmp_path):
     """CD (with an EMA target network) on a LoRA student: 8 straight == 4 + resume + 4, bit for bit, and the
     checkpoint holds adapter tensors only (student, EMA, target network, optimizer state), never the frozen base."""
-    from distill.train import build_module, run_training
+    from distill.train import build_module
 
-    run_training(lora_cfg(tmp_path, "straight", STEPS), final_eval=False)
-    run_training(lora_cfg(tmp_path, "split", STEPS // 2), final_eval=False)
-    run_training(lora_cfg(tmp_path, "split", STEPS), resume=True, final_eval=False)
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
-    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for i, st in oa["state"].items():
-            for key, v in st.items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][key])), (i, key)
+    a = assert_resume_exact(lambda name, steps: lora_cfg(tmp_path, name, steps), STEPS, tag="lora cd")
     nets = [k for k in a["state_dict"] if k.startswith(("student.", "ema.module.", "loss.target_net.module."))]
     assert nets and all(is_adapter_name(k) for k in nets), [k for k in nets if not is_adapter_name(k)][:3]
     assert {k.split(".", 1)[0] for k in nets} == {"student", "ema", "loss"}
@@ -289,7 +279,7 @@ def test_lora_critic_shares_the_teacher_and_resumes_exactly(tmp_path):
     """DMD2 with a LoRA student and a LoRA fake score (``loss.fake_lora``): the fake is the teacher at init, shares
     the teacher's parameters, trains only adapters in its own phase, and 6 straight == 3 + resume + 3 with
     adapter-only checkpoints."""
-    from distill.train import build_module, run_training
+    from distill.train import build_module
     from losses.parts import build_fake_score
 
     teacher = tiny_teacher()
@@ -311,14 +301,7 @@ def test_lora_critic_shares_the_teacher_and_resumes_exactly(tmp_path):
             "loss.fake_lora.rank": 2, "loss.critic_updates": 2, "loss.num_levels": 20, "optim.critic.lr": "1e-3",
             "student.name": "generator", "data.name": "null", "trainer.ckpt_every": 3})
 
-    run_training(cfg("straight", 6), final_eval=False)
-    run_training(cfg("split", 3), final_eval=False)
-    run_training(cfg("split", 6), resume=True, final_eval=False)
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
+    a = assert_resume_exact(cfg, 6, tag="lora critic")
     fake_keys = [k for k in a["state_dict"] if k.startswith("loss.fake.")]
     assert fake_keys and all(is_adapter_name(k) for k in fake_keys)
     assert any(not torch.equal(a["state_dict"][k], torch.zeros_like(a["state_dict"][k]))
