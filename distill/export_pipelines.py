@@ -68,7 +68,7 @@ def export_latent_pipeline(student: Any, folder: Path, sampling: dict[str, Any],
     """Write ``folder`` (module docstring) for a student of a latent teacher; return ``(model-card paragraph,
     the "pipeline" record for sampling.json)``. Raises ``NotImplementedError`` with the one-line reason for students
     no pipeline can sample faithfully."""
-    from teachers.latent import folder_kind
+    from teachers.folders import folder_kind
 
     from .pipeline_model import TABLE_SIZE
 

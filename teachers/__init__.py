@@ -15,7 +15,8 @@ from distill.core.registry import Registry
 from .analytic import GaussianMixtureTeacher, empirical, grid, mixture, ring
 from .base import Denoiser, Teacher, TeacherInfo
 from .diffusers_teacher import DiffusersTeacher, load_diffusers_teacher
-from .latent import DiTTeacher, TextLatentTeacher, load_diffusers_folder
+from .folders import load_diffusers_folder
+from .latent import DiTTeacher, TextLatentTeacher
 from .shipped import digits_cond_teacher, digits_teacher, empirical_digits, load_shipped_teacher
 
 TEACHERS: Registry = Registry("teacher")
