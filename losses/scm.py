@@ -35,6 +35,13 @@ One step (one phase, ``"student"``):
    off by default, as in the paper's Alg. 1). With the adaptive weight at its optimum a prior weight only changes
    the weight's parameterisation, not the effective per-t balance.
 
+Denoiser warm start (``denoiser_iters`` N, default 0; not in the paper): the paper initialises sCM from a pretrained
+diffusion model. A fresh student (``init: fresh``, e.g. the ring's MLP) has none, so for its first N iterations the
+loss trains it as one: ``L = ||F_theta(x_t / sd, t) - dx_t/dt / sd||^2 / D``, TrigFlow's diffusion objective (``F =
+dx_t/dt / sd`` makes ``f = cos t x_t - sin t sd F`` the teacher's denoiser for sCD, the data-pair regression for sCT),
+with no JVP; the tangent warm-up ``r = min(1, (k - N) / H)`` starts after them. A teacher-initialised student already
+is that diffusion model: leave it at 0.
+
 Dropout: the JVP pass and the gradient pass of ``F`` run under :func:`losses.parts.same_randomness` with one seed
 drawn from the batch per step, so they see the same mask (the finite-difference fallback re-seeds each of its passes).
 Sampling (:meth:`SCM.sampling`): multistep consistency sampling (gamma = 1) at the levels below.
@@ -143,6 +150,10 @@ class SCM(DistillLoss):
         fd_step: the central difference's step (in units of the rearranged tangents).
         guidance: classifier-free guidance weight of the sCD teacher (1 = none).
         prior_weight: ``"none"`` (paper) or ``"inv_sigma"`` (``1 / (sd tan t)`` on the squared term, FastGen).
+        denoiser_iters: the first N iterations train the student as TrigFlow diffusion model (warm start of a fresh
+            student, see the module docstring); 0 = off.
+        t_mid: TrigFlow time of the 2-NFE sampler's intermediate level (paper 1.1; a sampling choice, no effect
+            on training).
         weight_emb, weight_hidden: sizes of the adaptive weight network ``w_phi``.
     """
 
@@ -152,7 +163,8 @@ class SCM(DistillLoss):
 
     def __init__(self, mode: str = "scd", p_mean: float = -1.0, p_std: float = 1.4, warmup_iters: int = 1000,
                  tangent_c: float | None = 0.1, jvp: str = "autograd", fd_step: float = 1e-3, guidance: float = 1.0,
-                 prior_weight: str = "none", weight_emb: int = 32, weight_hidden: int = 64) -> None:
+                 prior_weight: str = "none", weight_emb: int = 32, weight_hidden: int = 64,
+                 denoiser_iters: int = 0, t_mid: float = T_MID) -> None:
         super().__init__()
         for key, value, valid in (("mode", mode, MODES), ("jvp", jvp, JVP_METHODS),
                                   ("prior_weight", prior_weight, PRIOR_WEIGHTS)):
@@ -164,6 +176,10 @@ class SCM(DistillLoss):
             raise ConfigError(f"scm: warmup_iters must be an integer >= 0, got {warmup_iters}")
         if tangent_c is not None and not tangent_c > 0:
             raise ConfigError(f"scm: tangent_c must be > 0 (or null for no normalisation), got {tangent_c}")
+        if int(denoiser_iters) != denoiser_iters or denoiser_iters < 0:
+            raise ConfigError(f"scm: denoiser_iters must be an integer >= 0, got {denoiser_iters}")
+        if not 0 < t_mid < math.pi / 2:
+            raise ConfigError(f"scm: t_mid must lie in (0, pi/2), got {t_mid}")
         if not fd_step > 0:
             raise ConfigError(f"scm: fd_step must be > 0, got {fd_step}")
         if int(weight_emb) != weight_emb or weight_emb < 2 or weight_emb % 2 or weight_hidden < 1:
@@ -173,6 +189,7 @@ class SCM(DistillLoss):
         self.warmup_iters, self.tangent_c = int(warmup_iters), None if tangent_c is None else float(tangent_c)
         self.jvp_method, self.fd_step, self.guidance = jvp, float(fd_step), float(guidance)
         self.prior_weight = prior_weight
+        self.denoiser_iters, self.t_mid = int(denoiser_iters), float(t_mid)
         self.weight_emb, self.weight_hidden = int(weight_emb), int(weight_hidden)
         self.weight: AdaptiveWeight | None = None
         self._range: tuple[float, float, float] | None = None  # (sigma_min, sigma_max, sigma_data) after setup
@@ -201,17 +218,22 @@ class SCM(DistillLoss):
 
     def sampling(self) -> SamplingPlan | None:
         """gamma = 1 multistep consistency sampling (arXiv:2303.01469 Alg. 1, as sCM samples). 2 NFE goes through
-        sCM's ``t_mid = 1.1`` (``sigma = sd tan 1.1``); 4 and 8 NFE through the TrigFlow times :data:`T_LEVELS`
+        ``t_mid`` (sCM's 1.1 by default: ``sigma = sd tan 1.1``); 4 and 8 NFE through the TrigFlow times
+        :data:`T_LEVELS`
         (4 NFE: 1.1 as sCM, then roughly equal steps of ~0.3 in t down to t = 0.45, sigma ~ 0.48 sd; 8 NFE: equal
         steps of ~0.15-0.2 from 1.3 to 0.3). Not tuned: on a 4000-iteration ring student four such 4-NFE grids and
         two 8-NFE grids scored within 0.005 sliced-W1 of each other, well below the student's own error."""
         if self._range is None:
             return None
         _, hi, sd = self._range
-        levels = {1: (hi,), 2: (hi, sd * math.tan(T_MID))}
+        levels = {1: (hi,), 2: (hi, sd * math.tan(self.t_mid))}
         for k, ts in T_LEVELS.items():
             levels[k] = (hi, *(sd * math.tan(t) for t in ts))
         return SamplingPlan(gamma=1.0, levels=levels)
+
+    def warm_start(self, ctx: StepContext) -> bool:
+        """Whether iteration ``ctx.iteration`` is one of the denoiser warm start's (``denoiser_iters``)."""
+        return ctx.iteration < self.denoiser_iters
 
     # -- one step ----------------------------------------------------------------------------------------------
     def draw_time(self, batch: Batch, like: Tensor) -> Tensor:
@@ -222,7 +244,8 @@ class SCM(DistillLoss):
 
     def pieces(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Everything one step computes (``forward`` and the tests use it): ``t``, ``x_t``, ``dxdt``, ``F_theta``
-        (with grad), ``F_minus``, ``g_raw``, ``g`` (normalised), ``g_norm`` ([B]), ``r``."""
+        (with grad), ``F_minus``, ``g_raw``, ``g`` (normalised), ``g_norm`` ([B]), ``r``; during the denoiser warm
+        start the four tangent entries are ``None`` (no JVP runs)."""
         if self._range is None or self.weight is None:
             raise RuntimeError("scm: call setup(student, teacher, ctx) before the loss")
         if batch.data is None:
@@ -234,7 +257,7 @@ class SCM(DistillLoss):
         seed = batch.draw_seed()  # one dropout stream for both passes of F
         cos, sin = append_dims(torch.cos(t), x0.ndim), append_dims(torch.sin(t), x0.ndim)
         x_t = cos * x0 + sin * z
-        r = tangent_warmup(ctx.iteration, self.warmup_iters)
+        r = tangent_warmup(ctx.iteration - self.denoiser_iters, self.warmup_iters)
         raw = student.raw_fn(cond)
 
         def f_raw(x_in: Tensor, t_in: Tensor) -> Tensor:
@@ -246,11 +269,14 @@ class SCM(DistillLoss):
                 dxdt = sct_velocity(x0, z, t)
             else:
                 dxdt = teacher_velocity(teacher, x_t, t, sd, cond, self.guidance)
-            f_minus, g_raw = tangent_g(f_raw, x_t, t, dxdt, sd, r, self.jvp_method, self.fd_step)
-            if self.tangent_c is not None:
-                g, g_norm = normalize_tangent(g_raw, self.tangent_c)
+            if self.warm_start(ctx):
+                f_minus = g_raw = g = g_norm = None
             else:
-                g, g_norm = g_raw, tangent_rms(g_raw)
+                f_minus, g_raw = tangent_g(f_raw, x_t, t, dxdt, sd, r, self.jvp_method, self.fd_step)
+                if self.tangent_c is not None:
+                    g, g_norm = normalize_tangent(g_raw, self.tangent_c)
+                else:
+                    g, g_norm = g_raw, tangent_rms(g_raw)
         f_theta = f_raw(x_t / sd, t)
         return {"t": t, "x_t": x_t, "dxdt": dxdt, "F_theta": f_theta, "F_minus": f_minus, "g_raw": g_raw, "g": g,
                 "g_norm": g_norm, "r": torch.tensor(r)}
@@ -261,6 +287,9 @@ class SCM(DistillLoss):
             raise ValueError(f"scm has one phase, 'student'; got {phase!r}")
         p = self.pieces(student, teacher, batch, ctx)
         t, f_theta = p["t"], p["F_theta"]
+        if p["g"] is None:  # denoiser warm start: TrigFlow diffusion regression, no adaptive weight
+            loss = (f_theta - p["dxdt"] / self._range[2]).pow(2).flatten(1).mean(1).mean()
+            return {"loss": loss, "warmup_r": p["r"].detach(), "t_mean": t.detach().mean()}
         target = (p["F_minus"] + p["g"]).detach()
         dist = (f_theta - target).pow(2).flatten(1).mean(1)  # ||.||^2 / D
         if self.prior_weight == "inv_sigma":

@@ -756,8 +756,40 @@ def per_seed(name: str) -> Callable[[Path], str]:
     return render
 
 
+def sweep(prefix: str) -> Callable[[Path], str]:
+    """One row per variant of a recipe sweep: every suite record ``docs/bench/sweeps/<prefix>*.json`` (each written by
+    ``scripts/bench.py ... --set KEY=VALUE``, the variant), with the mean +- sd over its training seeds at each NFE and
+    each seed's 1-NFE score, so a variant that helps one seed and hurts another shows it."""
+    def render(root: Path) -> str:
+        paths = sorted((root / BENCH / "sweeps").glob(f"{prefix}*.json"))
+        recs = [(p, json.loads(p.read_text())) for p in paths]
+        recs = [(p, r) for p, r in recs if isinstance(r, dict) and "definition" in r]
+        if not recs:
+            return _missing(BENCH / "sweeps" / f"{prefix}*.json", "python scripts/bench.py SUITE --set KEY=VALUE")
+        nfes = recs[0][1]["definition"]["nfe"]
+        out = ["| variant (overrides of the shipped config) | training seeds | "
+               + " | ".join(f"@ {k} NFE" for k in nfes) + " | 1 NFE per seed | skipped steps |",
+               "|---|---|" + "---|" * (len(nfes) + 2)]
+        for _, rec in recs:
+            runs = [r for rs in rec["runs"].values() for r in rs]
+            per = {k: [statistics.mean(e["score"] for e in r["eval"] if e["nfe"] == k
+                                       and not e["model"].startswith("teacher")) for r in runs] for k in nfes}
+            cells = [fmt(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for v in per.values()]
+            variant = ", ".join(rec.get("extra_overrides") or []) or "shipped config"
+            seeds = ", ".join(f"{r['seed']}: {x:.3g}" for r, x in zip(runs, per[nfes[0]]))
+            skipped = sum(int(r.get("skipped_steps", 0)) for r in runs)
+            out.append(f"| `{variant}` | {len(runs)} | " + " | ".join(cells) + f" | {seeds} | {skipped} |")
+        files = ", ".join(f"`{p.relative_to(root)}`" for p, _ in recs)
+        return "\n".join(out + ["", f"_Records {files} (scripts/bench.py); each cell the mean +- sd over training "
+                                     "seeds of the mean over sampling seeds "
+                                     f"{recs[0][1]['definition']['sample_seeds']}._"])
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
+    "sweep-ring_scm": sweep("ring_scm_seeds_"),
     "history-dmd2": history_dmd2,
     "results": results,
     "bars": bars,

@@ -294,6 +294,10 @@ def test_sampling_plan():
     sd = teacher.sigma_data
     assert plan.gamma == 1.0
     assert plan.levels[2] == pytest.approx((teacher.sigma_max, sd * math.tan(1.1)))
+    low = setup_loss(student, teacher, t_mid=0.45).sampling()
+    assert low.levels[2] == pytest.approx((teacher.sigma_max, sd * math.tan(0.45))) and low.levels[4] == plan.levels[4]
+    with pytest.raises(ConfigError, match="t_mid"):
+        build_loss("scm", t_mid=1.6)
     for k in (4, 8):
         lv = plan.levels[k]
         assert len(lv) == k and lv[0] == teacher.sigma_max and all(a > b for a, b in zip(lv, lv[1:]))
@@ -316,3 +320,33 @@ def test_guidance_reaches_the_teacher_and_weight_is_trained():
     assert loss.student_phase_modules() == ("weight",)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.weight.parameters())
     assert {"tangent_norm", "warmup_r", "w_mean"} <= set(out)
+
+
+def exact_denoiser_raw(sd: float):
+    """The raw F whose f(x_t, t) = cos t x_t - sin t sd F is the exact Gaussian teacher's denoiser (not the
+    consistency map): F = (cos t x_t - D*(x_t / cos t, sd tan t)) / (sd sin t), i.e. the teacher's velocity / sd."""
+    teacher = gaussian_teacher()
+
+    def raw(y: torch.Tensor, t: torch.Tensor, t_to=None) -> torch.Tensor:
+        return teacher_velocity(teacher, sd * y, t, sd) / sd
+
+    return raw
+
+
+def test_denoiser_warm_start_is_trigflow_diffusion_then_the_tangent_warmup_starts():
+    """For ``denoiser_iters`` iterations the loss is the TrigFlow diffusion regression (zero at the teacher's own
+    denoiser, no JVP), then sCD with the tangent warm-up counted from the end of the warm start."""
+    teacher = gaussian_teacher()
+    exact_den = TrigStudent(exact_denoiser_raw(S), S)
+    loss = setup_loss(exact_den, teacher, mode="scd", warmup_iters=10, denoiser_iters=20)
+    b = gaussian_batch(seed=4)
+    out = loss("student", exact_den, teacher, b, ctx(19, 100))
+    assert float(out["loss"]) < 1e-20 and float(out["warmup_r"]) == 0.0 and "tangent_norm" not in out
+    # the consistency map is not the denoiser: the warm-start loss sees the difference
+    cm = TrigStudent(exact_raw(S), S)
+    assert float(loss("student", cm, teacher, b, ctx(0, 100))["loss"]) > 1e-3
+    # after it: the sCD pieces (JVP) with r = (k - 20) / 10, and g = 0 at the exact consistency map at r = 1
+    assert loss.pieces(cm, teacher, b, ctx(25, 100))["r"] == 0.5
+    assert loss.pieces(cm, teacher, b, ctx(30, 100))["g_raw"].abs().max() < 1e-8
+    with pytest.raises(ConfigError, match="denoiser_iters"):
+        build_loss("scm", denoiser_iters=-1)
