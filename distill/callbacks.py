@@ -15,16 +15,9 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.core.data import save_grid
-from distill.evaluate import (
-    EvalRow,
-    Scorer,
-    eval_labels,
-    generate_student,
-    generate_teacher,
-    rows_label,
-    student_eval_kwargs,
-    student_guidance,
-)
+from distill.eval_tables import EvalRow, rows_label
+from distill.evaluate import eval_labels, generate_student, generate_teacher, student_eval_kwargs, student_guidance
+from distill.scorers import Scorer
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
 

@@ -112,7 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.evaluate import markdown_table, scorer_from_config, teacher_table, write_table
+    from distill.eval_tables import markdown_table, write_table
+    from distill.evaluate import teacher_table
+    from distill.scorers import scorer_from_config
 
     cfg = _cfg(args)
     ev = cfg.eval
@@ -135,16 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
-    from distill.evaluate import (
-        EvalRow,
-        eval_labels,
-        generate_student,
-        markdown_table,
-        scorer_from_config,
-        student_guidance,
-        write_table,
-    )
+    from distill.eval_tables import EvalRow, markdown_table, write_table
+    from distill.evaluate import eval_labels, generate_student, student_guidance
     from distill.export import export_plan, load_exported
+    from distill.scorers import scorer_from_config
     from teachers import build_teacher
 
     ev = cfg.eval

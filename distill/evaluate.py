@@ -1,27 +1,26 @@
-"""Evaluation at fixed NFE: generate with a teacher solver or a student, then score with the right metric.
+"""Evaluation at fixed NFE: generate with a teacher solver or a student, then score with the run's metric.
 
-* Image teachers: FID on a feature extractor (the shipped digits classifier for 8x8 digits, Inception from a local
-  file otherwise), every number a :class:`distill.fid.FIDRecord` carrying its protocol; for class-conditional digits
-  samples also the per-class FID (:func:`distill.fid.per_class_fid`) in the record's ``extra``.
+Generation lives here; the metrics are :mod:`distill.scorers` (FID for images, the exact ring metrics for Gaussian
+mixtures) and the rows, tables and plots :mod:`distill.eval_tables`. Every evaluation seed draws its initial noise,
+class labels and re-noising from its own streams (:func:`eval_generator`), so teacher and student rows of one seed
+share their noise and labels (paired comparisons).
 
 Guidance: teacher rows sample with classifier-free guidance at ``eval.guidance``; a guidance-conditioned student
 (``student.guidance_input``) is sampled at that scale through ``Cond(labels, guidance=w)`` (:func:`student_guidance`)
 and its records carry it; other students are sampled as they are (``guidance: 1.0`` in their records).
-* Analytic (Gaussian-mixture) teachers: sliced Wasserstein-1 to a fixed exact sample set, per-mode mass and the
-  off-mode fraction (docs/methods.md §4.4 "Ring", :mod:`distill.distances`), in a record of the same shape.
 
 NFE is *measured* by wrapping the network (:func:`distill.core.nfe.count_nfe`), and the measured value is what is
 recorded.
+
+The scorers and the table helpers are re-exported here, so ``from distill.evaluate import FIDScorer, write_table``
+keeps working.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,150 +28,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from distill.core.cond import Cond, as_cond, cond_index, cond_to
-from distill.core.data import load_digits_tensor
 from distill.core.nfe import count_nfe
 from distill.core.samplers import get_sampler, steps_for_nfe
 from distill.core.schedules import make_grid
 from distill.core.streams import generator
 from distill.diffusers_bridge import make_scheduler, sample_diffusers
-from distill.distances import ring_report
-from distill.features import build_features
-from distill.fid import class_coverage, compute_fid, load_reference, per_class_fid, protocol_kind, protocol_label
+from distill.eval_tables import EvalRow, markdown_table, plot_rows, rows_label, summarise, write_table
+from distill.scorers import FIDScorer, RingScorer, Scorer, build_scorer, scorer_from_config
 from students import SamplingPlan, sample_student
-from teachers.analytic import GaussianMixtureTeacher
 
-__all__ = ["Scorer", "FIDScorer", "RingScorer", "build_scorer", "scorer_from_config", "generate_teacher",
-           "generate_student", "eval_labels", "student_guidance", "EvalRow", "teacher_table", "rows_label",
-           "markdown_table", "write_table"]
-
-
-@dataclass
-class EvalRow:
-    """One measured cell: who generated (model), how (sampler, grid, nfe), the score and its full record."""
-
-    model: str
-    sampler: str
-    grid: str
-    nfe: int
-    seed: int
-    score: float
-    metric: str
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-class Scorer:
-    """Scores a batch of samples against the teacher's data; ``metric`` names the number (``fid`` or ``sw1``).
-
-    Every record it returns carries ``kind`` (:func:`distill.fid.protocol_kind` of its sample count and reference
-    size) and a one-line ``label`` naming the measure, the sample count and the reference set.
-    """
-
-    metric: str = "fid"
-
-    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
-        """Score ``samples``; ``labels: [N]`` are the class labels they were generated for (``None``: unconditional),
-        for per-class numbers where the scorer has them."""
-        raise NotImplementedError
-
-
-class FIDScorer(Scorer):
-    """FID on ``features`` against the reference statistics ``reference`` (see :func:`distill.fid.load_reference`).
-
-    Args:
-        features: ``digits``, ``inception`` or ``flatten``.
-        inception_path: the local ``inception-2015-12-05.pt`` (or its folder); else ``$DISTILL_INCEPTION_WEIGHTS``.
-        reference: a clean-fid ``.npz`` (``mu``, ``sigma``), a :class:`~distill.fid.ReferenceStats` ``.npz`` or a
-            folder of images; ``None`` means the shipped digits statistics (digits features only).
-    """
-
-    metric = "fid"
-
-    def __init__(self, features: str = "digits", inception_path: str | None = None,
-                 reference: str | None = None) -> None:
-        kw = {"weights_path": inception_path} if features == "inception" else {}
-        self.extractor = build_features(features, **kw)
-        self.reference = load_reference(reference, self.extractor)
-        self._class_reference: tuple[Tensor, Tensor] | None = None
-
-    def class_reference(self) -> tuple[Tensor, Tensor] | None:
-        """``(features [M, D], labels [M])`` of the real data per-class FID compares with: the 1,797 real digits
-        under the digits classifier's features (computed once); ``None`` for other features (no labelled real set)."""
-        if self._class_reference is None and getattr(self.extractor, "name", None) == "digits":
-            images, labels = load_digits_tensor()
-            self._class_reference = (self.extractor(images), labels)
-        return self._class_reference
-
-    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
-        """The FID record of ``samples`` (with class coverage for the digits classifier) plus, when ``labels: [N]``
-        (the classes the samples were generated for) are given and the features are the digits classifier's,
-        ``extra.per_class_fid`` / ``per_class_fid_mean`` / ``per_class_n`` (:func:`distill.fid.per_class_fid`)."""
-        rec = compute_fid(samples, self.reference, self.extractor, **protocol)
-        out = rec.to_dict()
-        if hasattr(self.extractor, "predict"):
-            predicted = self.extractor.predict(samples)
-            shares = class_coverage(predicted, 10)
-            out.setdefault("extra", {})["class_coverage"] = [round(float(c), 4) for c in shares]
-        ref = self.class_reference() if labels is not None else None
-        if ref is not None:
-            if labels.shape != (samples.shape[0],):
-                raise ValueError(f"labels must be [N] = [{samples.shape[0]}], got {list(labels.shape)}")
-            pc = per_class_fid(self.extractor(samples), labels, ref[0], ref[1], int(ref[1].max()) + 1)
-            out.setdefault("extra", {}).update(pc)
-        out["score"] = float(rec.fid)
-        return out
-
-
-class RingScorer(Scorer):
-    """Exact-teacher scorer for Gaussian mixtures (sliced W1 to a fixed exact set, mode mass, off-mode fraction).
-
-    Its reference is a fixed set of ``n_reference`` exact samples, so a number is ``final`` from that many samples
-    on (:func:`distill.fid.protocol_kind`), e.g. ``"sliced W1, final (10,000 samples vs 10,000 exact)"``.
-    """
-
-    metric = "sw1"
-
-    def __init__(self, teacher: Any, n_reference: int = 10_000, reference_seed: int = 12345) -> None:
-        g = torch.Generator().manual_seed(reference_seed)
-        self.reference = teacher.sample(n_reference, generator=g)
-        self.means = teacher.means.reshape(teacher.means.shape[0], -1).float()
-        # the true mixture: per-mode mass is scored against the weights, "off" against each mode's own width
-        self.weights = teacher.weights.detach().double().cpu()
-        self.stds = teacher.stds.detach().double().cpu()
-        self.reference_seed = reference_seed
-
-    def __call__(self, samples: Tensor, labels: Tensor | None = None, **protocol: Any) -> dict[str, Any]:
-        rep = ring_report(samples.reshape(samples.shape[0], -1).float(), self.means, self.reference,
-                          weights=self.weights, stds=self.stds)
-        rep = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rep.items()}
-        n, n_ref = int(samples.shape[0]), int(self.reference.shape[0])
-        name = f"{n_ref:,} exact"
-        return {"score": float(rep["sw1"]), "metric": "sw1", "n_samples": n,
-                "reference": {"source": "exact teacher samples", "n": n_ref, "seed": self.reference_seed,
-                              "name": name},
-                "kind": protocol_kind(n, n_ref), "label": protocol_label("sliced W1", n, n_ref, name),
-                **rep, **protocol}
-
-
-def build_scorer(teacher: Any, features: str = "auto", inception_path: str | None = None,
-                 reference: str | None = None) -> Scorer:
-    """Pick the metric for a teacher: exact ring metrics for mixtures, digits FID for 8x8 digits, else Inception.
-
-    ``inception_path`` and ``reference`` are those of :class:`FIDScorer` (``eval.inception_path``,
-    ``eval.reference``); the ring metrics ignore them.
-    """
-    if features == "auto":
-        if isinstance(teacher, GaussianMixtureTeacher) and len(teacher.data_shape) == 1:
-            return RingScorer(teacher)
-        shape = tuple(getattr(teacher, "pixel_shape", teacher.data_shape))  # a latent teacher is scored on pixels
-        features = "digits" if shape == (1, 8, 8) else "inception"
-    if features in ("sw1", "ring"):
-        return RingScorer(teacher)
-    return FIDScorer(features, inception_path, reference)
-
-
-def scorer_from_config(teacher: Any, ev: Any) -> Scorer:
-    """:func:`build_scorer` from an ``eval`` config section (``features``, ``inception_path``, ``reference``)."""
-    return build_scorer(teacher, ev.features, ev.inception_path, ev.reference)
+__all__ = ["generate_teacher", "generate_student", "eval_labels", "student_guidance", "student_eval_kwargs",
+           "teacher_table",
+           # re-exported from distill.scorers and distill.eval_tables, where they live
+           "Scorer", "FIDScorer", "RingScorer", "build_scorer", "scorer_from_config", "EvalRow", "rows_label",
+           "markdown_table", "write_table", "summarise", "plot_rows"]
 
 
 def device_of(model: Any) -> torch.device:
@@ -373,88 +242,3 @@ def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list
             rec = scorer(x, nfe=0, sampler="exact samples", grid="-", guidance=1.0, seed=seed, model="exact")
             rows.append(EvalRow("exact (noise floor)", "exact samples", "-", 0, seed, rec["score"], scorer.metric, rec))
     return rows
-
-
-def summarise(rows: list[EvalRow]) -> dict[tuple[str, str, str], dict[int, tuple[float, float, int]]]:
-    """(model, sampler, grid) -> nfe -> (mean, sd, n_seeds)."""
-    groups: dict[tuple[str, str, str], dict[int, list[float]]] = {}
-    for r in rows:
-        groups.setdefault((r.model, r.sampler, r.grid), {}).setdefault(r.nfe, []).append(r.score)
-    out: dict[tuple[str, str, str], dict[int, tuple[float, float, int]]] = {}
-    for key, by_nfe in groups.items():
-        out[key] = {}
-        for k, vals in by_nfe.items():
-            t = torch.tensor(vals, dtype=torch.float64)
-            sd = float(t.std()) if len(vals) > 1 else 0.0
-            out[key][k] = (float(t.mean()), sd, len(vals))
-    return out
-
-
-def rows_label(rows: list[EvalRow]) -> str:
-    """The one-line protocol label of ``rows`` (``record["label"]``, e.g. ``"digits-classifier FID, final (2,000
-    samples vs 1,797 real digits)"``); distinct labels are joined with ``"; "``, in order of first appearance."""
-    labels = list(dict.fromkeys(str(r.record.get("label") or r.metric) for r in rows))
-    return "; ".join(labels)
-
-
-def markdown_table(rows: list[EvalRow], title: str = "") -> str:
-    """A title line ``# <title> — <protocol label>`` (:func:`rows_label`), then the table: rows = (model, sampler,
-    grid); columns = every NFE measured; cells = mean ± sd over seeds."""
-    if not rows:
-        return ""
-    label = rows_label(rows)
-    summary = summarise(rows)
-    nfes = sorted({r.nfe for r in rows})
-    metric = rows[0].metric
-    head = "| model | sampler | grid | " + " | ".join(f"{metric} @ NFE {k}" for k in nfes) + " |"
-    sep = "|" + "---|" * (3 + len(nfes))
-    lines = [f"# {title} — {label}" if title else f"# {label}", "", head, sep]
-    for (model, sampler, grid), by_nfe in summary.items():
-        cells = []
-        for k in nfes:
-            if k in by_nfe:
-                m, sd, n = by_nfe[k]
-                cells.append(f"{m:.4g} ± {sd:.2g}" if n > 1 else f"{m:.4g}")
-            else:
-                cells.append("–")
-        lines.append(f"| {model} | {sampler} | {grid} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_rows(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
-    """Score vs NFE (log-log), one line per (model, sampler, grid)."""
-    # Lazy on purpose: selecting the Agg backend at import time would force it on every process that imports
-    # this module (a notebook, say), and matplotlib is only needed when a plot is written.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarise(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (model, sampler, grid), by_nfe in summary.items():
-        ks = sorted(by_nfe)
-        ax.errorbar(ks, [by_nfe[k][0] for k in ks], yerr=[by_nfe[k][1] for k in ks], marker="o", capsize=2,
-                    label=f"{model}: {sampler}/{grid}" if model != "teacher" else f"{sampler}/{grid}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel(rows_label(rows).replace("; ", "\n") if rows else "", fontsize=8)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_table(rows: list[EvalRow], out_dir: str | Path, stem: str = "eval", title: str = "") -> dict[str, Path]:
-    """Write ``<stem>.json`` (every record), ``<stem>.md`` (mean ± sd table under a title line that carries the
-    protocol label) and ``<stem>.png`` (plot, the label on its y axis)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
-    paths["md"].write_text(markdown_table(rows, title) + "\n")
-    plot_rows(rows, paths["png"], title)
-    return paths

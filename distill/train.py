@@ -232,16 +232,8 @@ def write_run_record(cfg: DictConfig, out_dir: Path, result: dict[str, Any], ite
 def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, fid_cb: Any = None) -> dict[str, Any]:
     """The EMA student at each NFE over every eval seed, next to the teacher's reference solver; written as
     ``eval.{json,md,png}`` and printed."""
-    from distill.evaluate import (
-        EvalRow,
-        eval_labels,
-        generate_student,
-        generate_teacher,
-        markdown_table,
-        student_eval_kwargs,
-        student_guidance,
-        write_table,
-    )
+    from distill.eval_tables import EvalRow, markdown_table, write_table
+    from distill.evaluate import eval_labels, generate_student, generate_teacher, student_eval_kwargs, student_guidance
 
     ev = cfg.eval
     rows: list[EvalRow] = []

@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
 
 from distill.core.data import load_digits_tensor  # noqa: E402
 from distill.core.streams import generator  # noqa: E402
-from distill.evaluate import build_scorer  # noqa: E402
 from distill.records import run_environment  # noqa: E402
+from distill.scorers import build_scorer  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 

@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill.evaluate import build_scorer, generate_student, generate_teacher  # noqa: E402
+from distill.evaluate import generate_student, generate_teacher  # noqa: E402
 from distill.export import export_plan, load_exported  # noqa: E402
 from distill.records import run_environment  # noqa: E402
+from distill.scorers import build_scorer  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
 

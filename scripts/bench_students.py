@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from distill.config import load_config
-from distill.evaluate import EvalRow, markdown_table, write_table
+from distill.eval_tables import EvalRow, markdown_table, write_table
 from distill.train import run_training
 
 

@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 from distill.config import load_config  # noqa: E402
 from distill.core.ema import make_ema  # noqa: E402
-from distill.evaluate import build_scorer, generate_student  # noqa: E402
+from distill.evaluate import generate_student  # noqa: E402
+from distill.scorers import build_scorer  # noqa: E402
 from distill.train import build_module  # noqa: E402
 from students import SamplingPlan  # noqa: E402
 

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill.evaluate import build_scorer, generate_student  # noqa: E402
+from distill.evaluate import generate_student  # noqa: E402
 from distill.export import load_exported  # noqa: E402
+from distill.scorers import build_scorer  # noqa: E402
 from students import SamplingPlan  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 

@@ -257,7 +257,7 @@ def test_per_class_fid_of_one_class_is_the_plain_fid_and_identical_sets_score_ze
 
 def test_digits_scorer_reports_per_class_fid_and_keeps_the_record_fields():
     from distill.core.data import load_digits_tensor
-    from distill.evaluate import FIDScorer
+    from distill.scorers import FIDScorer
 
     images, labels = load_digits_tensor()
     scorer = FIDScorer("digits")

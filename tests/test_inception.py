@@ -16,9 +16,9 @@ from PIL import Image
 
 from distill.cli import main
 from distill.core.data import load_digits_tensor, to_uint8_images
-from distill.evaluate import FIDScorer
 from distill.features import INCEPTION_ENV_VAR, INCEPTION_FILENAME, InceptionFeatures
 from distill.fid import folder_reference_stats, frechet_distance
+from distill.scorers import FIDScorer
 
 N_REF = 64
 

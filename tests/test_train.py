@@ -260,7 +260,7 @@ def test_final_eval_reuses_the_callbacks_last_rows_exactly(tmp_path):
     module.prepare()
     ckpt = torch.load(tmp_path / "fe" / "checkpoints" / "last.ckpt", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
-    from distill.evaluate import build_scorer as scorer_for
+    from distill.scorers import build_scorer as scorer_for
 
     fresh = final_evaluation(module, scorer_for(module.teacher, "auto"), cfg, tmp_path / "fresh", fid_cb=None)
     assert {(r["model"], r["nfe"], r["seed"]): r["score"] for r in fresh["rows"]} == reused

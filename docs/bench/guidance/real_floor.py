@@ -6,7 +6,8 @@ import torch
 
 torch.set_num_threads(1)
 from distill.core.data import load_digits_tensor  # noqa: E402
-from distill.evaluate import FIDScorer, eval_labels  # noqa: E402
+from distill.evaluate import eval_labels  # noqa: E402
+from distill.scorers import FIDScorer  # noqa: E402
 
 images, labels = load_digits_tensor()
 sc = FIDScorer("digits")
