@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from distill.core.data import save_grid
 from distill.eval_tables import EvalRow, rows_label
-from distill.evaluate import eval_labels, generate_student, generate_teacher, student_eval_kwargs, student_guidance
+from distill.evaluate import eval_labels, generate_teacher, score_student, student_eval_kwargs
 from distill.scorers import Scorer
 
 __all__ = ["FIDCallback", "SampleGridCallback", "IterationCheckpoint", "IterationProgressBar", "save_sample_figure"]
@@ -85,15 +85,12 @@ class FIDCallback(L.Callback):
         student = pl_module.ema.module
         teacher = pl_module.teacher
         num_classes = teacher.num_classes if pl_module.conditional else None
-        plan = pl_module.sampling
-        w = student_guidance(student, self.guidance)  # a guidance-conditioned student is sampled at that scale
-        labels = eval_labels(self.n, self.seed, num_classes, teacher.class_probs)
         for k in self.nfes:
-            x, nfe, sig = generate_student(student, k, self.n, self.seed, plan, batch_size=self.batch_size,
-                                           guidance=w, **student_eval_kwargs(teacher, pl_module.conditional))
-            rec = self.scorer(x, labels=labels, nfe=nfe, sampler=f"student(gamma={plan.gamma})",
-                              grid=str([round(float(s), 4) for s in sig.tolist()]), guidance=1.0 if w is None else w,
-                              seed=self.seed, model="ema_student", step=step)
+            rec = score_student(student, self.scorer, k, self.seed, pl_module.sampling, n=self.n,
+                                guidance=self.guidance, batch_size=self.batch_size, num_classes=num_classes,
+                                class_probs=teacher.class_probs, **student_eval_kwargs(teacher, pl_module.conditional),
+                                model="ema_student", step=step)
+            nfe = rec["nfe"]
             row = EvalRow(f"student@{step}", "student", "ema", nfe, self.seed, rec["score"], self.scorer.metric, rec)
             new.append(row)
             pl_module.print(f"[eval] iteration {step}: {self.scorer.metric} @ {nfe} NFE = {rec['score']:.4g}")

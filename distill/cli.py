@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
     from distill.eval_tables import EvalRow, markdown_table, write_table
-    from distill.evaluate import eval_labels, generate_student, student_guidance
+    from distill.evaluate import score_student
     from distill.export import export_plan, load_exported
     from distill.scorers import scorer_from_config
     from teachers import build_teacher
@@ -156,16 +156,14 @@ def _eval_student(args: argparse.Namespace, cfg: Any) -> int:
 
     latent_kw = exported_eval_kwargs(args.student, sampling)
     rows = []
-    w = student_guidance(student, ev.guidance)
     for seed in ev.seeds:
         for k, sig in sampling["sigmas"].items():
-            x, nfe, _ = generate_student(student, int(k), ev.n_samples, seed, plan, batch_size=ev.batch_size,
-                                         num_classes=sampling.get("num_classes"), guidance=w, **latent_kw)
-            labels = eval_labels(ev.n_samples, seed, sampling.get("num_classes"))
-            rec = scorer(x, labels=labels, nfe=nfe, sampler=f"student(gamma={sampling['gamma']})", grid=str(sig),
-                         seed=seed, guidance=1.0 if w is None else w, model=str(args.student))
-            rows.append(EvalRow("exported student", "student", "exported", nfe, seed, rec["score"], scorer.metric,
-                                rec))
+            # the records name the sampler and grid as the export's sampling.json does (gamma as saved, all sigmas)
+            rec = score_student(student, scorer, int(k), seed, plan, n=ev.n_samples, guidance=ev.guidance,
+                                batch_size=ev.batch_size, num_classes=sampling.get("num_classes"), **latent_kw,
+                                sampler=f"student(gamma={sampling['gamma']})", grid=str(sig), model=str(args.student))
+            rows.append(EvalRow("exported student", "student", "exported", rec["nfe"], seed, rec["score"],
+                                scorer.metric, rec))
     out = Path(args.out or args.student)
     title = f"exported student: {scorer.metric} at fixed NFE (seeds {list(ev.seeds)})"
     write_table(rows, out, "eval_exported", title)

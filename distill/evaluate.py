@@ -3,7 +3,8 @@
 Generation lives here; the metrics are :mod:`distill.scorers` (FID for images, the exact ring metrics for Gaussian
 mixtures) and the rows, tables and plots :mod:`distill.eval_tables`. Every evaluation seed draws its initial noise,
 class labels and re-noising from its own streams (:func:`eval_generator`), so teacher and student rows of one seed
-share their noise and labels (paired comparisons).
+share their noise and labels (paired comparisons). :func:`score_student` is the one path by which the FID callback,
+the final evaluation and ``distill eval --student`` generate and score a student.
 
 Guidance: teacher rows sample with classifier-free guidance at ``eval.guidance``; a guidance-conditioned student
 (``student.guidance_input``) is sampled at that scale through ``Cond(labels, guidance=w)`` (:func:`student_guidance`)
@@ -38,7 +39,7 @@ from distill.scorers import FIDScorer, RingScorer, Scorer, build_scorer, scorer_
 from students import SamplingPlan, sample_student
 
 __all__ = ["generate_teacher", "generate_student", "eval_labels", "student_guidance", "student_eval_kwargs",
-           "teacher_table",
+           "score_student", "teacher_table",
            # re-exported from distill.scorers and distill.eval_tables, where they live
            "Scorer", "FIDScorer", "RingScorer", "build_scorer", "scorer_from_config", "EvalRow", "rows_label",
            "markdown_table", "write_table", "summarise", "plot_rows"]
@@ -200,6 +201,52 @@ def student_eval_kwargs(teacher: Any, conditional: bool) -> dict[str, Any]:
     teacher's conditioning (``sample_cond``, when the run is ``conditional``) and its decoder (latent teachers)."""
     return {"cond_sampler": _teacher_cond_sampler(teacher) if conditional else None,
             "decode": teacher.decode if getattr(teacher, "latent", False) else None}
+
+
+def score_student(student: Any, scorer: Scorer, nfe: int, seed: int, plan: SamplingPlan, *, n: int,
+                  guidance: float = 1.0, batch_size: int = 1000, num_classes: int | None = None,
+                  class_probs: Tensor | None = None, cond_sampler: CondSampler | None = None,
+                  decode: Callable[[Tensor], Tensor] | None = None, sampler: str | None = None,
+                  grid: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Generate ``n`` samples of ``student`` at ``nfe`` steps for evaluation seed ``seed`` and score them: the one
+    path of the FID callback, the final evaluation and ``distill eval --student``.
+
+    The student is sampled at ``guidance`` if it takes a guidance scale (:func:`student_guidance`), and the record's
+    ``guidance`` is that scale (``1.0`` for other students). Per-class scores get the seed's evaluation labels
+    (:func:`eval_labels` of ``num_classes`` and ``class_probs``), those the student is conditioned on.
+
+    Args:
+        student: the student (an EMA copy or an exported one).
+        scorer: the metric (:mod:`distill.scorers`).
+        nfe: the steps asked for; the record carries the measured NFE.
+        seed: the evaluation seed (its noise, labels and re-noising streams, :func:`eval_generator`).
+        plan: how the student is sampled at ``nfe`` (its levels and gamma).
+        n: the number of samples.
+        guidance: the evaluation's guidance scale (``eval.guidance``).
+        batch_size: samples per generation batch.
+        num_classes: classes of the evaluation's labels (``None``: unconditional): drawn for per-class scores, and
+            the student's conditions when there is no ``cond_sampler``.
+        class_probs: ``[num_classes]`` class frequencies the labels are drawn from (``None``: uniform).
+        cond_sampler: the conditions to sample the student with, as in :func:`generate_student`.
+        decode: maps the samples to pixels, as in :func:`generate_student`.
+        sampler: the record's ``sampler``; default ``"student(gamma=<plan.gamma>)"``.
+        grid: the record's ``grid``; default the sigmas sampled at, rounded to 4 decimals.
+        **fields: further record fields for the scorer (``model``, ``step``).
+
+    Returns:
+        The scorer's record: ``score``, the measured ``nfe``, ``sampler``, ``grid``, ``guidance``, ``seed`` and
+        ``fields`` among the rest.
+    """
+    w = student_guidance(student, guidance)
+    x, measured, sigmas = generate_student(student, nfe, n, seed, plan, batch_size=batch_size,
+                                           num_classes=num_classes, class_probs=class_probs,
+                                           cond_sampler=cond_sampler, decode=decode, guidance=w)
+    if sampler is None:
+        sampler = f"student(gamma={plan.gamma})"
+    if grid is None:
+        grid = str([round(float(s), 4) for s in sigmas.tolist()])
+    return scorer(x, labels=eval_labels(n, seed, num_classes, class_probs), nfe=measured, sampler=sampler, grid=grid,
+                  guidance=1.0 if w is None else w, seed=seed, **fields)
 
 
 def teacher_table(teacher: Any, scorer: Scorer, samplers: list[str], grids: list[str], nfes: list[int],

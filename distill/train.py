@@ -233,14 +233,14 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
     """The EMA student at each NFE over every eval seed, next to the teacher's reference solver; written as
     ``eval.{json,md,png}`` and printed."""
     from distill.eval_tables import EvalRow, markdown_table, write_table
-    from distill.evaluate import eval_labels, generate_student, generate_teacher, student_eval_kwargs, student_guidance
+    from distill.evaluate import eval_labels, generate_teacher, score_student, student_eval_kwargs
 
     ev = cfg.eval
     rows: list[EvalRow] = []
     student = module.ema.module
     conditional = module.conditional
+    num_classes = module.teacher.num_classes if conditional else None
     step = module.current_iteration
-    w_student = student_guidance(student, ev.guidance)  # a guidance-conditioned student is sampled at eval.guidance
 
     # The FID callback scores the same samples (same seed, noise, grid and protocol) when its schedule hits the
     # last iteration; its rows are reused rather than generated twice.
@@ -266,15 +266,11 @@ def final_evaluation(module: Any, scorer: Any, cfg: DictConfig, out_dir: Path, f
             if (seed, k) in done_student:
                 rec = dict(done_student[(seed, k)].record, model=f"{cfg.name}:ema_student")
             else:
-                num_classes = module.teacher.num_classes if conditional else None
-                x, nfe, sig = generate_student(student, k, ev.n_samples, seed, module.sampling,
-                                               batch_size=ev.batch_size, guidance=w_student,
-                                               **student_eval_kwargs(module.teacher, conditional))
-                rec = scorer(x, labels=eval_labels(ev.n_samples, seed, num_classes, module.teacher.class_probs),
-                             nfe=nfe, sampler=f"student(gamma={module.sampling.gamma})",
-                             grid=str([round(float(s), 4) for s in sig.tolist()]),
-                             guidance=1.0 if w_student is None else w_student, seed=seed,
-                             model=f"{cfg.name}:ema_student", step=step)
+                rec = score_student(student, scorer, k, seed, module.sampling, n=ev.n_samples, guidance=ev.guidance,
+                                    batch_size=ev.batch_size, num_classes=num_classes,
+                                    class_probs=module.teacher.class_probs,
+                                    **student_eval_kwargs(module.teacher, conditional),
+                                    model=f"{cfg.name}:ema_student", step=step)
             rows.append(EvalRow(f"{cfg.name} (EMA student)", "student", "ema", rec["nfe"], seed, rec["score"],
                                 scorer.metric, rec))
     paths = write_table(rows, out_dir, "eval", f"{cfg.name}: {scorer.metric} at fixed NFE "

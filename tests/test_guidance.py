@@ -286,6 +286,33 @@ def test_generate_student_at_a_guidance_scale_passes_it_in_cond(teacher):
     assert torch.equal(seen[0].labels, eval_labels(6, 2, 3))  # the labels per-class FID is computed with
 
 
+def test_score_student_scores_the_seeds_samples_with_their_labels_and_the_students_guidance(teacher):
+    """score_student is generate_student at the student's scale, then the scorer on the seed's labels with the
+    record fields of the FID callback, the final evaluation and ``distill eval --student``."""
+    from distill.evaluate import eval_labels, generate_student, score_student
+    from students import SamplingPlan
+
+    calls = []
+
+    def scorer(x, labels=None, **protocol):
+        calls.append((x, labels, protocol))
+        return {"score": 0.0, **protocol}
+
+    plan = SamplingPlan(gamma=0.5)
+    guided = build_student("consistency", teacher, guidance_input=True)
+    rec = score_student(guided, scorer, 2, 4, plan, n=6, guidance=2.5, batch_size=4, num_classes=3, model="m", step=7)
+    x, nfe, sig = generate_student(guided, 2, 6, 4, plan, batch_size=4, num_classes=3, guidance=2.5)
+    got, labels, protocol = calls[0]
+    assert torch.equal(got, x) and torch.equal(labels, eval_labels(6, 4, 3))
+    assert protocol == {"nfe": nfe, "sampler": "student(gamma=0.5)", "grid": str([round(float(s), 4) for s in sig]),
+                        "guidance": 2.5, "seed": 4, "model": "m", "step": 7} and rec["score"] == 0.0
+    plain = build_student("consistency", teacher)  # sampled as it is, recorded at guidance 1.0
+    score_student(plain, scorer, 1, 4, plan, n=6, guidance=2.5, sampler="s", grid="g")
+    got, labels, protocol = calls[1]
+    assert torch.equal(got, generate_student(plain, 1, 6, 4, plan)[0]) and labels is None
+    assert protocol == {"nfe": 1, "sampler": "s", "grid": "g", "guidance": 1.0, "seed": 4}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The class-conditional digits teacher
 # ---------------------------------------------------------------------------------------------------------------
