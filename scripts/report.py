@@ -767,18 +767,19 @@ def sweep(prefix: str) -> Callable[[Path], str]:
         if not recs:
             return _missing(BENCH / "sweeps" / f"{prefix}*.json", "python scripts/bench.py SUITE --set KEY=VALUE")
         nfes = recs[0][1]["definition"]["nfe"]
-        out = ["| variant (overrides of the shipped config) | training seeds | "
+        out = ["| variant (overrides of the config at the commit) | commit | training seeds | "
                + " | ".join(f"@ {k} NFE" for k in nfes) + " | 1 NFE per seed | skipped steps |",
-               "|---|---|" + "---|" * (len(nfes) + 2)]
+               "|---|---|---|" + "---|" * (len(nfes) + 2)]
         for _, rec in recs:
             runs = [r for rs in rec["runs"].values() for r in rs]
             per = {k: [statistics.mean(e["score"] for e in r["eval"] if e["nfe"] == k
                                        and not e["model"].startswith("teacher")) for r in runs] for k in nfes}
             cells = [fmt(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for v in per.values()]
-            variant = ", ".join(rec.get("extra_overrides") or []) or "shipped config"
+            variant = ", ".join(rec.get("extra_overrides") or []) or "none"
             seeds = ", ".join(f"{r['seed']}: {x:.3g}" for r, x in zip(runs, per[nfes[0]]))
             skipped = sum(int(r.get("skipped_steps", 0)) for r in runs)
-            out.append(f"| `{variant}` | {len(runs)} | " + " | ".join(cells) + f" | {seeds} | {skipped} |")
+            out.append(f"| `{variant}` | `{commit_of(rec.get('environment'))}` | {len(runs)} | " + " | ".join(cells)
+                       + f" | {seeds} | {skipped} |")
         files = ", ".join(f"`{p.relative_to(root)}`" for p, _ in recs)
         return "\n".join(out + ["", f"_Records {files} (scripts/bench.py); each cell the mean +- sd over training "
                                      "seeds of the mean over sampling seeds "
