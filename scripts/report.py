@@ -807,10 +807,42 @@ def sweep(prefix: str) -> Callable[[Path], str]:
     return render
 
 
+def probes(prefix: str) -> Callable[[Path], str]:
+    """Single-run probes of a recipe: every folder ``docs/bench/sweeps/<prefix>*/`` holding a run's ``eval.json`` (its
+    final evaluation), ``fid_vs_step.json`` (the in-training curve, sampling seed 0) and ``command.txt`` (how it was
+    run). One row per probe: the final scores (mean +- sd over sampling seeds) and the curve."""
+    def render(root: Path) -> str:
+        dirs = sorted(d for d in (root / BENCH / "sweeps").glob(f"{prefix}*") if (d / "eval.json").is_file())
+        if not dirs:
+            return _missing(BENCH / "sweeps" / f"{prefix}*/eval.json", "distill train CONFIG KEY=VALUE ...")
+        out = ["| probe (command) | final @ 1 NFE | final @ 2 NFE | final @ 4 NFE | curve (iteration: 1 / 2 / 4 NFE, "
+               "sampling seed 0) |", "|---|---|---|---|---|"]
+        teacher = []
+        for d in dirs:
+            rows = json.loads((d / "eval.json").read_text())
+            teacher += [r["score"] for r in rows if r["model"] == "teacher"]
+            cells = []
+            for k in (1, 2, 4):
+                xs = [r["score"] for r in rows if r["model"] != "teacher" and r["nfe"] == k]
+                cells.append(fmt(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else "–")
+            curve: dict[int, dict[int, float]] = {}
+            for r in json.loads((d / "fid_vs_step.json").read_text())["student"]:
+                curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
+            pts = "; ".join(f"{it}: " + " / ".join(f"{v[k]:.3g}" for k in sorted(v)) for it, v in sorted(curve.items()))
+            cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else d.name
+            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts} |")
+        ref = fmt(statistics.mean(teacher), statistics.stdev(teacher) if len(teacher) > 1 else 0.0) if teacher else "?"
+        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `fid_vs_step.json` of "
+                                     f"`distill train`); the runs' own teacher Heun-35 rows: {ref}._"])
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
     "sweep-ring_meanflow": sweep("ring_cont_meanflow_"),
+    "probes-digits_cont": probes("digits_"),
     "history-dmd2": history_dmd2,
     "results": results,
     "bars": bars,
