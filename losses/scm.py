@@ -219,10 +219,10 @@ class SCM(DistillLoss):
     def sampling(self) -> SamplingPlan | None:
         """gamma = 1 multistep consistency sampling (arXiv:2303.01469 Alg. 1, as sCM samples). 2 NFE goes through
         ``t_mid`` (sCM's 1.1 by default: ``sigma = sd tan 1.1``); 4 and 8 NFE through the TrigFlow times
-        :data:`T_LEVELS`
-        (4 NFE: 1.1 as sCM, then roughly equal steps of ~0.3 in t down to t = 0.45, sigma ~ 0.48 sd; 8 NFE: equal
-        steps of ~0.15-0.2 from 1.3 to 0.3). Not tuned: on a 4000-iteration ring student four such 4-NFE grids and
-        two 8-NFE grids scored within 0.005 sliced-W1 of each other, well below the student's own error."""
+        :data:`T_LEVELS` (4 NFE: 1.1 as sCM, then roughly equal steps of ~0.3 in t down to t = 0.45, sigma ~ 0.48 sd;
+        8 NFE: equal steps of ~0.15-0.2 from 1.3 to 0.3). Not tuned: on a 4000-iteration ring student four such
+        4-NFE grids and two 8-NFE grids scored within 0.005 sliced-W1 of each other, well below the student's own
+        error."""
         if self._range is None:
             return None
         _, hi, sd = self._range
