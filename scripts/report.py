@@ -460,6 +460,19 @@ def bars(root: Path) -> str:
     return "\n".join(out) if len(out) > 2 else "_No suite record yet._"
 
 
+def _run_mean(run: dict[str, Any], nfe: int) -> float | None:
+    """A training run's student score at ``nfe`` steps, the mean over its sampling seeds (``None`` if not measured)."""
+    xs = [e["score"] for e in run["eval"] if e["nfe"] == nfe and not e["model"].startswith("teacher")]
+    return statistics.mean(xs) if xs else None
+
+
+def _fmt_spread(xs: list[float], missing: str = "–") -> str:
+    """``fmt`` of the mean +- sd of ``xs`` (sd 0 for one value); ``missing`` for none."""
+    if not xs:
+        return missing
+    return fmt(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def _all_seeds_bar(root: Path, cfg: str, suites: tuple[str, ...]) -> list[str]:
     """Issue 12's 1-NFE bar for ``cfg`` over every training seed any of ``suites`` trained (a two-seed suite can be a
     favourable draw): each seed's mean 1-NFE SW1 (over its sampling seeds) within 1.5x the teacher's Heun-35; and
@@ -472,9 +485,9 @@ def _all_seeds_bar(root: Path, cfg: str, suites: tuple[str, ...]) -> list[str]:
             continue
         for r in rec["runs"].get(cfg, []):
             for k in sorted({e["nfe"] for e in r["eval"]}):
-                xs = [e["score"] for e in r["eval"] if e["nfe"] == k and not e["model"].startswith("teacher")]
-                if xs:
-                    per_seed.setdefault(int(r["seed"]), {})[k] = statistics.mean(xs)
+                m = _run_mean(r, k)
+                if m is not None:
+                    per_seed.setdefault(int(r["seed"]), {})[k] = m
         if ref is None:
             ref = _teacher_ref(_cells(rec)[1])
     one = {s: v[1] for s, v in per_seed.items() if 1 in v}
@@ -764,10 +777,7 @@ def per_seed(name: str) -> Callable[[Path], str]:
                "|---|---|" + "---|" * (len(nfes) + 1)]
         for cfg, runs in rec["runs"].items():
             for r in runs:
-                cells = []
-                for k in nfes:
-                    xs = [e["score"] for e in r["eval"] if e["nfe"] == k and not e["model"].startswith("teacher")]
-                    cells.append(f"{statistics.mean(xs):.3g}" if xs else "–")
+                cells = [f"{m:.3g}" if (m := _run_mean(r, k)) is not None else "–" for k in nfes]
                 out.append(f"| {cfg} | {r['seed']} | " + " | ".join(cells) + f" | {r.get('skipped_steps', 0)} |")
         return "\n".join(out + ["", f"_Record `{rel}` (scripts/bench.py); mean over sampling seeds "
                                      f"{rec['definition']['sample_seeds']}._"])
@@ -791,9 +801,8 @@ def sweep(prefix: str) -> Callable[[Path], str]:
                "|---|---|---|" + "---|" * (len(nfes) + 2)]
         for _, rec in recs:
             runs = [r for rs in rec["runs"].values() for r in rs]
-            per = {k: [statistics.mean(e["score"] for e in r["eval"] if e["nfe"] == k
-                                       and not e["model"].startswith("teacher")) for r in runs] for k in nfes}
-            cells = [fmt(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for v in per.values()]
+            per = {k: [_run_mean(r, k) for r in runs] for k in nfes}
+            cells = [_fmt_spread(v) for v in per.values()]
             variant = ", ".join(rec.get("extra_overrides") or []) or "none"
             seeds = ", ".join(f"{r['seed']}: {x:.3g}" for r, x in zip(runs, per[nfes[0]]))
             skipped = sum(int(r.get("skipped_steps", 0)) for r in runs)
@@ -821,17 +830,15 @@ def probes(prefix: str) -> Callable[[Path], str]:
         for d in dirs:
             rows = json.loads((d / "eval.json").read_text())
             teacher += [r["score"] for r in rows if r["model"] == "teacher"]
-            cells = []
-            for k in (1, 2, 4):
-                xs = [r["score"] for r in rows if r["model"] != "teacher" and r["nfe"] == k]
-                cells.append(fmt(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else "–")
+            cells = [_fmt_spread([r["score"] for r in rows if r["model"] != "teacher" and r["nfe"] == k])
+                     for k in (1, 2, 4)]
             curve: dict[int, dict[int, float]] = {}
             for r in json.loads((d / "fid_vs_step.json").read_text())["student"]:
                 curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
             pts = "; ".join(f"{it}: " + " / ".join(f"{v[k]:.3g}" for k in sorted(v)) for it, v in sorted(curve.items()))
             cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else d.name
             out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts} |")
-        ref = fmt(statistics.mean(teacher), statistics.stdev(teacher) if len(teacher) > 1 else 0.0) if teacher else "?"
+        ref = _fmt_spread(teacher, missing="?")
         return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `fid_vs_step.json` of "
                                      f"`distill train`); the runs' own teacher Heun-35 rows: {ref}._"])
 
