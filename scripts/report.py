@@ -809,8 +809,9 @@ def sweep(prefix: str) -> Callable[[Path], str]:
             out.append(f"| `{variant}` | `{commit_of(rec.get('environment'))}` | {len(runs)} | " + " | ".join(cells)
                        + f" | {seeds} | {skipped} |")
         files = ", ".join(f"`{p.relative_to(root)}`" for p, _ in recs)
-        return "\n".join(out + ["", f"_Records {files} (scripts/bench.py); each cell the mean +- sd over training "
-                                     "seeds of the mean over sampling seeds "
+        machines = ", ".join(sorted({(r.get("environment") or {}).get("machine", "?") for _, r in recs}))
+        return "\n".join(out + ["", f"_Records {files} (scripts/bench.py; {machines}); each cell the mean +- sd over "
+                                     "training seeds of the mean over sampling seeds "
                                      f"{recs[0][1]['definition']['sample_seeds']}._"])
 
     return render
@@ -818,14 +819,15 @@ def sweep(prefix: str) -> Callable[[Path], str]:
 
 def probes(prefix: str) -> Callable[[Path], str]:
     """Single-run probes of a recipe: every folder ``docs/bench/sweeps/<prefix>*/`` holding a run's ``eval.json`` (its
-    final evaluation), ``fid_vs_step.json`` (the in-training curve, sampling seed 0) and ``command.txt`` (how it was
-    run). One row per probe: the final scores (mean +- sd over sampling seeds) and the curve."""
+    final evaluation), ``fid_vs_step.json`` (the in-training curve, sampling seed 0), ``record.json`` (the run record)
+    and ``command.txt`` (how and where it was run). One row per probe: the final scores (mean +- sd over sampling
+    seeds), the curve and the NaN guard's skipped steps."""
     def render(root: Path) -> str:
         dirs = sorted(d for d in (root / BENCH / "sweeps").glob(f"{prefix}*") if (d / "eval.json").is_file())
         if not dirs:
             return _missing(BENCH / "sweeps" / f"{prefix}*/eval.json", "distill train CONFIG KEY=VALUE ...")
         out = ["| probe (command) | final @ 1 NFE | final @ 2 NFE | final @ 4 NFE | curve (iteration: 1 / 2 / 4 NFE, "
-               "sampling seed 0) |", "|---|---|---|---|---|"]
+               "sampling seed 0) | steps skipped by the NaN guard |", "|---|---|---|---|---|---|"]
         teacher = []
         for d in dirs:
             rows = json.loads((d / "eval.json").read_text())
@@ -837,10 +839,13 @@ def probes(prefix: str) -> Callable[[Path], str]:
                 curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
             pts = "; ".join(f"{it}: " + " / ".join(f"{v[k]:.3g}" for k in sorted(v)) for it, v in sorted(curve.items()))
             cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else d.name
-            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts} |")
+            run = json.loads((d / "record.json").read_text()) if (d / "record.json").is_file() else {}
+            skipped = run.get("skipped_steps", "?")
+            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts} | {skipped} |")
         ref = _fmt_spread(teacher, missing="?")
-        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `fid_vs_step.json` of "
-                                     f"`distill train`); the runs' own teacher Heun-35 rows: {ref}._"])
+        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `fid_vs_step.json`, "
+                                     f"`record.json` of `distill train`; the machine in each command); the runs' own "
+                                     f"teacher Heun-35 rows: {ref}._"])
 
     return render
 
