@@ -912,6 +912,10 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
 def render(text: str, root: Path) -> tuple[str, list[str]]:
     """``text`` with every block re-rendered; and the names of blocks whose content changed."""
     changed: list[str] = []
+    names = [m["name"] for m in BLOCK.finditer(text)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"report blocks appear more than once: {', '.join(twice)}; each may appear once per file")
 
     def sub(m: re.Match[str]) -> str:
         name = m["name"]

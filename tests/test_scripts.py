@@ -6,6 +6,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,6 +70,24 @@ def test_report_check_fails_on_a_hand_edited_number(tmp_path):
     doc.write_text(edited)
     assert report.main(["--check", "--root", str(tmp_path)]) == 1
     assert report.main(["--root", str(tmp_path)]) == 0 and doc.read_text() == text  # re-rendering restores it
+
+
+def test_report_refuses_a_block_that_appears_twice(tmp_path):
+    """A pasted second copy of a section would otherwise re-render silently and pass --check."""
+    import shutil
+
+    report = _load("report")
+    for rel in ("README.md", "docs/benchmarks.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    shutil.copytree(ROOT / "docs" / "bench", tmp_path / "docs" / "bench")
+    doc = tmp_path / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    start = text.index("<!-- report:ring-floor -->")
+    end = text.index("<!-- /report:ring-floor -->") + len("<!-- /report:ring-floor -->")
+    doc.write_text(text + "\n" + text[start:end] + "\n")
+    with pytest.raises(SystemExit, match="ring-floor"):
+        report.main(["--check", "--root", str(tmp_path)])
 
 
 def test_tiny_benchmark_suite_end_to_end(tmp_path):
