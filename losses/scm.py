@@ -42,6 +42,15 @@ dx_t/dt / sd`` makes ``f = cos t x_t - sin t sd F`` the teacher's denoiser for s
 with no JVP; the tangent warm-up ``r = min(1, (k - N) / H)`` starts after them. A teacher-initialised student already
 is that diffusion model: leave it at 0.
 
+Off-marginal points (``wide_frac`` p, ``wide_scale`` s; sCD only, default off; not in the paper): a fraction p of each
+batch draws its noise with s times the std, ``x_t = cos t x0 + sin t (s z)``. sCD's objective is the residual of the
+consistency condition ``df/dt = 0`` along the teacher's PF-ODE, which holds at every point, not only on the noising
+marginal, so these points train the same map where the sampler can land but the marginal almost never goes: the
+noise tails the 1-NFE sampler starts from (a 2-D ring run drew ``|z| / sd > 4`` a few times in 8 million samples, and
+its map there ran off to radius 10^3) and the off-ring inputs of the later steps. sCT's tangent is the data pair's
+conditional velocity, whose average is the velocity of the marginal the noise was drawn from, so there it would
+train the map of another process: refused.
+
 Dropout: the JVP pass and the gradient pass of ``F`` run under :func:`losses.parts.same_randomness` with one seed
 drawn from the batch per step, so they see the same mask (the finite-difference fallback re-seeds each of its passes).
 Sampling (:meth:`SCM.sampling`): multistep consistency sampling (gamma = 1) at the levels below.
@@ -154,6 +163,8 @@ class SCM(DistillLoss):
             student, see the module docstring); 0 = off.
         t_mid: TrigFlow time of the 2-NFE sampler's intermediate level (paper 1.1; a sampling choice, no effect
             on training).
+        wide_frac, wide_scale: the fraction of each batch noised with ``wide_scale`` times the std (off-marginal
+            points, sCD only; see the module docstring); 0 = off.
         weight_emb, weight_hidden: sizes of the adaptive weight network ``w_phi``.
     """
 
@@ -164,7 +175,8 @@ class SCM(DistillLoss):
     def __init__(self, mode: str = "scd", p_mean: float = -1.0, p_std: float = 1.4, warmup_iters: int = 1000,
                  tangent_c: float | None = 0.1, jvp: str = "autograd", fd_step: float = 1e-3, guidance: float = 1.0,
                  prior_weight: str = "none", weight_emb: int = 32, weight_hidden: int = 64,
-                 denoiser_iters: int = 0, t_mid: float = T_MID) -> None:
+                 denoiser_iters: int = 0, t_mid: float = T_MID, wide_frac: float = 0.0,
+                 wide_scale: float = 2.0) -> None:
         super().__init__()
         for key, value, valid in (("mode", mode, MODES), ("jvp", jvp, JVP_METHODS),
                                   ("prior_weight", prior_weight, PRIOR_WEIGHTS)):
@@ -180,6 +192,12 @@ class SCM(DistillLoss):
             raise ConfigError(f"scm: denoiser_iters must be an integer >= 0, got {denoiser_iters}")
         if not 0 < t_mid < math.pi / 2:
             raise ConfigError(f"scm: t_mid must lie in (0, pi/2), got {t_mid}")
+        if not 0 <= wide_frac <= 1 or not wide_scale >= 1:
+            raise ConfigError(f"scm: wide_frac must lie in [0, 1] and wide_scale be >= 1, got {wide_frac}, "
+                              f"{wide_scale}")
+        if wide_frac > 0 and mode != "scd":
+            raise ConfigError("scm: wide_frac > 0 needs mode: scd (sCT's data-pair tangent is only valid on the "
+                              "noising marginal)")
         if not fd_step > 0:
             raise ConfigError(f"scm: fd_step must be > 0, got {fd_step}")
         if int(weight_emb) != weight_emb or weight_emb < 2 or weight_emb % 2 or weight_hidden < 1:
@@ -190,6 +208,7 @@ class SCM(DistillLoss):
         self.jvp_method, self.fd_step, self.guidance = jvp, float(fd_step), float(guidance)
         self.prior_weight = prior_weight
         self.denoiser_iters, self.t_mid = int(denoiser_iters), float(t_mid)
+        self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
         self.weight_emb, self.weight_hidden = int(weight_emb), int(weight_hidden)
         self.weight: AdaptiveWeight | None = None
         self._range: tuple[float, float, float] | None = None  # (sigma_min, sigma_max, sigma_data) after setup
@@ -253,6 +272,9 @@ class SCM(DistillLoss):
         sd = self._range[2]
         x0, cond = batch.data, batch.labels
         z = sd * batch.randn_like(x0)
+        if self.wide_frac > 0:  # off-marginal points: the first round(p B) rows of the batch (rows are i.i.d.)
+            n_wide = round(self.wide_frac * z.shape[0])
+            z = torch.cat([z[:n_wide] * self.wide_scale, z[n_wide:]])
         t = self.draw_time(batch, x0)
         seed = batch.draw_seed()  # one dropout stream for both passes of F
         cos, sin = append_dims(torch.cos(t), x0.ndim), append_dims(torch.sin(t), x0.ndim)

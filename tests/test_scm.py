@@ -350,3 +350,27 @@ def test_denoiser_warm_start_is_trigflow_diffusion_then_the_tangent_warmup_start
     assert loss.pieces(cm, teacher, b, ctx(30, 100))["g_raw"].abs().max() < 1e-8
     with pytest.raises(ConfigError, match="denoiser_iters"):
         build_loss("scm", denoiser_iters=-1)
+
+
+def test_wide_noise_points_are_off_marginal_and_the_exact_map_still_has_zero_tangent():
+    """``wide_frac``: that fraction of the batch is noised with ``wide_scale`` times the std. The consistency
+    condition holds off the noising marginal too, so the exact map's g is still 0 there (sCD); sCT refuses it."""
+    teacher, student = gaussian_teacher(), TrigStudent(exact_raw(S), S)
+    b = gaussian_batch(n=400, seed=5)  # a batch's random stream advances per draw: one fresh batch per call
+    plain = setup_loss(student, teacher, mode="scd", warmup_iters=0).pieces(student, teacher, gaussian_batch(
+        n=400, seed=5), ctx(1))
+    wide = setup_loss(student, teacher, mode="scd", warmup_iters=0, wide_frac=0.25, wide_scale=3.0)
+    p = wide.pieces(student, teacher, b, ctx(1))
+    assert torch.equal(p["t"], plain["t"])  # same draws, only the first quarter's noise is scaled
+    c, s = torch.cos(p["t"])[:, None], torch.sin(p["t"])[:, None]
+    z_plain = (plain["x_t"] - c * b.data) / s
+    z_wide = (p["x_t"] - c * b.data) / s
+    assert torch.allclose(z_wide[:100], 3.0 * z_plain[:100]) and torch.allclose(z_wide[100:], z_plain[100:])
+    assert p["g_raw"].abs().max() < 1e-8  # the exact consistency map is consistent off the marginal too
+    # the check can fail: a map exact only for other data has a non-zero tangent at those points
+    wrong = TrigStudent(exact_raw(0.7), S)
+    assert wide.pieces(wrong, teacher, gaussian_batch(n=400, seed=5), ctx(1))["g_raw"].abs().max() > 1e-3
+    for kw, match in (({"mode": "sct", "wide_frac": 0.1}, "needs mode: scd"), ({"wide_frac": 1.5}, "wide_frac"),
+                      ({"wide_scale": 0.5}, "wide_scale")):
+        with pytest.raises(ConfigError, match=match):
+            build_loss("scm", **kw)
