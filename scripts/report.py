@@ -467,10 +467,11 @@ def _run_mean(run: dict[str, Any], nfe: int) -> float | None:
 
 
 def _fmt_spread(xs: list[float], missing: str = "–") -> str:
-    """``fmt`` of the mean +- sd of ``xs`` (sd 0 for one value); ``missing`` for none."""
+    """``fmt`` of the mean +- sd of ``xs`` (the value alone for one: a single seed has no spread); ``missing`` for
+    none."""
     if not xs:
         return missing
-    return fmt(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return fmt(statistics.mean(xs), statistics.stdev(xs)) if len(xs) > 1 else fmt(xs[0])
 
 
 def _all_seeds_bar(root: Path, cfg: str, suites: tuple[str, ...]) -> list[str]:
@@ -817,35 +818,37 @@ def sweep(prefix: str) -> Callable[[Path], str]:
     return render
 
 
-def probes(prefix: str) -> Callable[[Path], str]:
+def probes(prefix: str, nfes: tuple[int, ...] = (1, 2, 4)) -> Callable[[Path], str]:
     """Single-run probes of a recipe: every folder ``docs/bench/sweeps/<prefix>*/`` holding a run's ``eval.json`` (its
-    final evaluation), ``fid_vs_step.json`` (the in-training curve, sampling seed 0), ``record.json`` (the run record)
-    and ``command.txt`` (how and where it was run). One row per probe: the final scores (mean +- sd over sampling
-    seeds), the curve and the NaN guard's skipped steps."""
+    final evaluation), ``record.json`` (the run record), ``command.txt`` (how and where it was run) and, when the run
+    evaluated during training, ``fid_vs_step.json`` (the in-training curve, sampling seed 0). One row per probe: the
+    final scores at ``nfes`` (mean +- sd over sampling seeds), the curve and the NaN guard's skipped steps."""
     def render(root: Path) -> str:
         dirs = sorted(d for d in (root / BENCH / "sweeps").glob(f"{prefix}*") if (d / "eval.json").is_file())
         if not dirs:
             return _missing(BENCH / "sweeps" / f"{prefix}*/eval.json", "distill train CONFIG KEY=VALUE ...")
-        out = ["| probe (command) | final @ 1 NFE | final @ 2 NFE | final @ 4 NFE | curve (iteration: 1 / 2 / 4 NFE, "
-               "sampling seed 0) | steps skipped by the NaN guard |", "|---|---|---|---|---|---|"]
+        out = ["| probe (command) | " + " | ".join(f"final @ {k} NFE" for k in nfes)
+               + " | curve (iteration: " + " / ".join(str(k) for k in nfes if k <= 4)
+               + " NFE, sampling seed 0) | steps skipped by the NaN guard |", "|---" * (len(nfes) + 3) + "|"]
         teacher = []
         for d in dirs:
             rows = json.loads((d / "eval.json").read_text())
             teacher += [r["score"] for r in rows if r["model"] == "teacher"]
             cells = [_fmt_spread([r["score"] for r in rows if r["model"] != "teacher" and r["nfe"] == k])
-                     for k in (1, 2, 4)]
+                     for k in nfes]
             curve: dict[int, dict[int, float]] = {}
-            for r in json.loads((d / "fid_vs_step.json").read_text())["student"]:
-                curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
+            if (d / "fid_vs_step.json").is_file():
+                for r in json.loads((d / "fid_vs_step.json").read_text())["student"]:
+                    curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
             pts = "; ".join(f"{it}: " + " / ".join(f"{v[k]:.3g}" for k in sorted(v)) for it, v in sorted(curve.items()))
             cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else d.name
             run = json.loads((d / "record.json").read_text()) if (d / "record.json").is_file() else {}
             skipped = run.get("skipped_steps", "?")
-            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts} | {skipped} |")
+            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts or '–'} | {skipped} |")
         ref = _fmt_spread(teacher, missing="?")
-        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `fid_vs_step.json`, "
-                                     f"`record.json` of `distill train`; the machine in each command); the runs' own "
-                                     f"teacher Heun-35 rows: {ref}._"])
+        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `record.json` and, where "
+                                     f"the run evaluated during training, `fid_vs_step.json` of `distill train`; the "
+                                     f"machine in each command); the runs' own teacher Heun-35 rows: {ref}._"])
 
     return render
 
@@ -855,6 +858,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
     "sweep-ring_meanflow": sweep("ring_cont_meanflow_"),
     "probes-digits_cont": probes("digits_"),
+    "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "history-dmd2": history_dmd2,
     "results": results,
     "bars": bars,
