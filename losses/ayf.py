@@ -87,6 +87,7 @@ from students.sampling import SamplingPlan
 from . import register_loss
 from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts.jvp import check_jvp_method, jvp, normalize_tangent, same_randomness, tangent_rms, tangent_warmup
+from .parts.sigmas import check_wide, widen_noise
 
 __all__ = ["AlignYourFlow", "eulerian_tangent", "lagrangian_tangent",
            "rf_uniform_levels", "OBJECTIVES", "UNITS", "WEIGHTINGS", "LEVEL_GRIDS"]
@@ -184,6 +185,9 @@ class AlignYourFlow(DistillLoss):
         guidance: teacher classifier-free guidance weight (1 = none).
         sampling_gamma: CTM gamma of the sampling plan (0 = deterministic chain of flow-map jumps).
         sampling_levels: ``"rf_uniform"`` or ``"karras"``; sampling_floor: the Karras floor.
+        wide_frac, wide_scale: the fraction of each batch whose noise is ``wide_scale`` times wider (off-marginal
+            points, :mod:`losses.parts.sigmas`: both objectives are identities along the teacher's PF-ODE, valid at
+            every point); 0 = off, not in the paper.
     """
 
     phases = ("student",)
@@ -207,8 +211,11 @@ class AlignYourFlow(DistillLoss):
         sampling_gamma: float = 0.0,
         sampling_levels: str = "rf_uniform",
         sampling_floor: float = 0.4,
+        wide_frac: float = 0.0,
+        wide_scale: float = 2.0,
     ) -> None:
         super().__init__()
+        check_wide("ayf", wide_frac, wide_scale)
         for key, value, valid in (("objective", objective, OBJECTIVES), ("units", units, UNITS),
                                   ("weighting", weighting, WEIGHTINGS), ("sampling_levels", sampling_levels,
                                                                          LEVEL_GRIDS)):
@@ -240,6 +247,7 @@ class AlignYourFlow(DistillLoss):
         self.jvp_method, self.jvp_h, self.guidance = jvp, float(jvp_h), float(guidance)
         self.sampling_gamma, self.sampling_levels = float(sampling_gamma), sampling_levels
         self.sampling_floor = float(sampling_floor)
+        self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
         self.sigma_min: float | None = None
         self.sigma_max: float | None = None
 
@@ -330,7 +338,7 @@ class AlignYourFlow(DistillLoss):
         cond = batch.labels
         x0 = batch.data
         a, b = self.draw_levels(batch, teacher)
-        eps = batch.randn_like(x0)
+        eps = widen_noise(batch.randn_like(x0), self.wide_frac, self.wide_scale)
         x = x0 + append_dims(a, x0.ndim) * eps
         seed = batch.draw_seed()  # one dropout stream for the JVP and the gradient pass
         r = tangent_warmup(ctx.iteration, self.warmup, self.warmup_max)

@@ -73,6 +73,7 @@ from students.sampling import SamplingPlan
 from . import register_loss
 from .base import Batch, DistillLoss, StepContext
 from .parts.jvp import JVP_METHODS, jvp, same_randomness
+from .parts.sigmas import check_wide, widen_noise
 
 __all__ = ["MeanFlow", "average_velocity", "teacher_velocity", "adaptive_weight", "rf_uniform_levels"]
 
@@ -148,6 +149,10 @@ class MeanFlow(DistillLoss):
             scaled down per sample near ``t = 0`` or ``1`` so ``t +- h`` stays in ``(0, 1)``).
         jvp_h: the finite-difference step in RF time (``z`` moves by ``h v``).
         guidance: classifier-free guidance weight of the teacher (``source: teacher``; 1 = none).
+        wide_frac, wide_scale: the fraction of each batch whose ``eps`` is ``wide_scale`` times wider (off-marginal
+            points, :mod:`losses.parts.sigmas`; ``source: teacher`` only: the identity with the teacher's ``v``
+            holds at every point, the data mode's ``eps - x0`` averages to the velocity of the wider marginal); 0 =
+            off, not in the paper.
     """
 
     phases = ("student",)
@@ -166,8 +171,12 @@ class MeanFlow(DistillLoss):
         jvp: str = "autograd",
         jvp_h: float = 1e-3,
         guidance: float = 1.0,
+        wide_frac: float = 0.0,
+        wide_scale: float = 2.0,
     ) -> None:
         super().__init__()
+        check_wide("meanflow", wide_frac, wide_scale, None if source == "teacher" else
+                   "needs source: teacher (the data pair's velocity eps - x0 is only valid on the noising marginal)")
         for key, value, valid in (("source", source, SOURCES), ("time_dist", time_dist, TIME_DISTS),
                                   ("jvp", jvp, JVP_METHODS)):
             if value not in valid:
@@ -186,6 +195,7 @@ class MeanFlow(DistillLoss):
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_method, self.jvp_h, self.guidance = jvp, float(jvp_h), float(guidance)
+        self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
         # RF time range [t(sigma_min), t(sigma_max)]; set from the teacher in setup()
         self.t_lo, self.t_hi = float(rf_t_from_sigma(torch.tensor(0.002))), float(rf_t_from_sigma(torch.tensor(80.0)))
         self.sigma_max = 80.0
@@ -257,7 +267,7 @@ class MeanFlow(DistillLoss):
         x0, cond = batch.data, batch.labels
         if x0 is None:
             raise ValueError("meanflow needs data in batch.data (z_t = (1 - t) x0 + t eps, both sources)")
-        eps = batch.randn_like(x0)
+        eps = widen_noise(batch.randn_like(x0), self.wide_frac, self.wide_scale)
         r, t, neq = self.sample_times(batch, x0)
         z = append_dims(1 - t, x0.ndim) * x0 + append_dims(t, x0.ndim) * eps
         seed = batch.draw_seed()

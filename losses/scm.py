@@ -42,14 +42,14 @@ dx_t/dt / sd`` makes ``f = cos t x_t - sin t sd F`` the teacher's denoiser for s
 with no JVP; the tangent warm-up ``r = min(1, (k - N) / H)`` starts after them. A teacher-initialised student already
 is that diffusion model: leave it at 0.
 
-Off-marginal points (``wide_frac`` p, ``wide_scale`` s; sCD only, default off; not in the paper): a fraction p of each
-batch draws its noise with s times the std, ``x_t = cos t x0 + sin t (s z)``. sCD's objective is the residual of the
-consistency condition ``df/dt = 0`` along the teacher's PF-ODE, which holds at every point, not only on the noising
-marginal, so these points train the same map where the sampler can land but the marginal almost never goes: the
-noise tails the 1-NFE sampler starts from (a 2-D ring run drew ``|z| / sd > 4`` a few times in 8 million samples, and
-its map there ran off to radius 10^3) and the off-ring inputs of the later steps. sCT's tangent is the data pair's
-conditional velocity, whose average is the velocity of the marginal the noise was drawn from, so there it would
-train the map of another process: refused.
+Off-marginal points (``wide_frac`` p, ``wide_scale`` s; sCD only, default off; not in the paper;
+:func:`losses.parts.widen_noise`): a fraction p of each batch draws its noise with s times the std, ``x_t = cos t x0 +
+sin t (s z)``. sCD's objective is the residual of the consistency condition ``df/dt = 0`` along the teacher's PF-ODE,
+which holds at every point, so these points train the same map where the sampler can land but the marginal almost
+never goes: the noise tails the 1-NFE sampler starts from (a 2-D ring run drew ``|z| / sd > 4`` a few times in 8
+million samples, and its map there ran off to radius 10^3) and the off-ring inputs of the later steps. sCT's tangent
+is the data pair's conditional velocity, whose average is the velocity of the marginal the noise was drawn from, so
+there it would train the map of another process: refused.
 
 Dropout: the JVP pass and the gradient pass of ``F`` run under :func:`losses.parts.same_randomness` with one seed
 drawn from the batch per step, so they see the same mask (the finite-difference fallback re-seeds each of its passes).
@@ -73,6 +73,7 @@ from students.sampling import SamplingPlan
 from . import register_loss
 from .base import Batch, DistillLoss, StepContext
 from .parts.jvp import JVP_METHODS, jvp, normalize_tangent, same_randomness, tangent_rms, tangent_warmup
+from .parts.sigmas import check_wide, widen_noise
 
 __all__ = ["SCM", "AdaptiveWeight", "teacher_velocity", "sct_velocity", "tangent_g", "MODES", "PRIOR_WEIGHTS"]
 
@@ -192,12 +193,8 @@ class SCM(DistillLoss):
             raise ConfigError(f"scm: denoiser_iters must be an integer >= 0, got {denoiser_iters}")
         if not 0 < t_mid < math.pi / 2:
             raise ConfigError(f"scm: t_mid must lie in (0, pi/2), got {t_mid}")
-        if not 0 <= wide_frac <= 1 or not wide_scale >= 1:
-            raise ConfigError(f"scm: wide_frac must lie in [0, 1] and wide_scale be >= 1, got {wide_frac}, "
-                              f"{wide_scale}")
-        if wide_frac > 0 and mode != "scd":
-            raise ConfigError("scm: wide_frac > 0 needs mode: scd (sCT's data-pair tangent is only valid on the "
-                              "noising marginal)")
+        check_wide("scm", wide_frac, wide_scale, None if mode == "scd" else
+                   "needs mode: scd (sCT's data-pair tangent is only valid on the noising marginal)")
         if not fd_step > 0:
             raise ConfigError(f"scm: fd_step must be > 0, got {fd_step}")
         if int(weight_emb) != weight_emb or weight_emb < 2 or weight_emb % 2 or weight_hidden < 1:
@@ -271,10 +268,7 @@ class SCM(DistillLoss):
             raise ValueError("scm noises real data: it needs batch.data (data: {name: ...})")
         sd = self._range[2]
         x0, cond = batch.data, batch.labels
-        z = sd * batch.randn_like(x0)
-        if self.wide_frac > 0:  # off-marginal points: the first round(p B) rows of the batch (rows are i.i.d.)
-            n_wide = round(self.wide_frac * z.shape[0])
-            z = torch.cat([z[:n_wide] * self.wide_scale, z[n_wide:]])
+        z = widen_noise(sd * batch.randn_like(x0), self.wide_frac, self.wide_scale)
         t = self.draw_time(batch, x0)
         seed = batch.draw_seed()  # one dropout stream for both passes of F
         cos, sin = append_dims(torch.cos(t), x0.ndim), append_dims(torch.sin(t), x0.ndim)

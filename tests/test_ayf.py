@@ -293,3 +293,21 @@ def test_config_errors():
                 {"p_boundary": 2.0}, {"sampling_levels": "linear"}, {"norm_c": 0.0}):
         with pytest.raises(ConfigError, match="ayf"):
             build_loss("ayf", **bad)
+
+
+def test_off_marginal_points_keep_the_exact_map_a_fixed_point():
+    """``wide_frac``: a share of the batch noised wider. Both objectives are identities along the teacher's ODE, so
+    the exact map still injects nothing there; a perturbed map's tangent changes with the wider points."""
+    st, te = PowerFlowMap(), teacher()
+    data = M + S * torch.randn(256, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+    for objective in ("eulerian", "lagrangian"):
+        loss = loss_for(objective, wide_frac=0.5, wide_scale=3.0)
+        terms = loss("student", st, te, batch(data, seed=1), ctx())
+        assert float(terms["loss"]) < 1e-15 and float(terms["tangent_norm"]) < 1e-8
+        bad = PowerFlowMap(theta=1.2)  # (the normalised loss saturates; the raw tangent's norm does not)
+        wide = float(loss("student", bad, te, batch(data, seed=1), ctx())["tangent_norm"])
+        plain = float(loss_for(objective)("student", bad, te, batch(data, seed=1), ctx())["tangent_norm"])
+        assert wide > 1e-3 and wide != pytest.approx(plain, rel=1e-3)
+    for bad_kw in ({"wide_frac": -0.1}, {"wide_scale": 0.9}):
+        with pytest.raises(ConfigError, match="ayf: wide_frac"):
+            build_loss("ayf", **bad_kw)

@@ -310,3 +310,23 @@ def test_config_errors_and_needs_data():
     assert loss.needs_data and loss.data_specs()["data"].source == "real" and loss.student_kind == "flowmap"
     with pytest.raises(ValueError, match="batch.data"):
         loss("student", GaussianFlowMap(), gaussian_teacher(), batch(size=4, dtype=torch.float64), ctx())
+
+
+def test_off_marginal_points_keep_the_identity_at_the_exact_map_and_only_distil():
+    """``wide_frac``: a share of the batch noised wider (off the marginal). The identity with the teacher's velocity
+    holds everywhere, so the exact map's residual is still 0 and a perturbed map's is not; ``source: data`` refuses
+    it (``eps - x0`` averages to the wider marginal's velocity)."""
+    teacher = gaussian_teacher()
+    data = M + S * torch.randn(2048, DIM, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    wide = built(GaussianFlowMap(), wide_frac=0.5, wide_scale=3.0)
+    out = wide("student", GaussianFlowMap(), teacher, batch(data, seed=3), ctx())
+    assert float(out["residual_sq"]) < 1e-16
+    bad = GaussianFlowMap(s=0.6)
+    res_wide = float(built(bad, wide_frac=0.5, wide_scale=3.0)("student", bad, teacher, batch(data, seed=3),
+                                                                 ctx())["residual_sq"])
+    res_plain = float(built(bad)("student", bad, teacher, batch(data, seed=3), ctx())["residual_sq"])
+    assert res_wide > 1e-4 and res_wide != pytest.approx(res_plain, rel=1e-3)  # the wider points are really used
+    with pytest.raises(ConfigError, match="needs source: teacher"):
+        build_loss("meanflow", source="data", wide_frac=0.1)
+    with pytest.raises(ConfigError, match="wide_scale"):
+        build_loss("meanflow", wide_scale=0.5)

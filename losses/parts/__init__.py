@@ -6,7 +6,8 @@ inherited. Not losses themselves: ``losses._import_all`` skips this package.
 * :mod:`.gan` - the GAN head on a feature tap of the fake score, non-saturating losses, ``no_param_grad``;
 * :mod:`.rollout` - one-step generation and multi-step backward simulation, drawn through the batch;
 * :mod:`.jvp` - directional derivatives (forward-mode JVP or central difference) and forked dropout RNG;
-* :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch.
+* :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch,
+  and off-marginal points (a share of the batch noised wider) for losses whose objective holds off the marginal.
 """
 
 from .fake_score import (
@@ -31,7 +32,7 @@ from .gan import (
 )
 from .jvp import JVP_METHODS, check_jvp_method, jvp, same_randomness
 from .rollout import check_levels, generator_rollout
-from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config
+from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config, check_wide, widen_noise
 
 __all__ = [
     "JVP_METHODS",
@@ -63,4 +64,6 @@ __all__ = [
     "SIGMA_DENSITIES",
     "SigmaSampler",
     "check_sigma_config",
+    "check_wide",
+    "widen_noise",
 ]

@@ -5,6 +5,15 @@ number of processes).
   restricted to the fraction ``[t_min, t_max]`` of it (0 = sigma_max end): DMD2's ``t ~ U[0.02 T, 0.98 T]``
   (arXiv:2405.14867 §4, App. C).
 * ``"lognormal"``: EDM's ``log sigma ~ N(p_mean, p_std^2)`` (Table 1), clamped to the grid's range.
+
+Off-marginal points (:func:`widen_noise`, the ``wide_frac`` / ``wide_scale`` options of ``scm``, ``meanflow`` and
+``ayf``; not in their papers): a fraction of each batch draws its noise with a larger std. A distillation objective
+that is the residual of an identity along the teacher's PF-ODE (sCD's ``df/dt = 0``, MeanFlow's ``u = v - (t - r)
+du/dt`` with the teacher's ``v``, AYF's Eulerian and Lagrangian conditions) holds at every point, not only on the
+noising marginal, so such points train the same map where a sampler can land but the marginal almost never goes: the
+noise tails the one-step sampler starts from and the off-data inputs of later steps. Objectives whose target is a
+data pair's conditional velocity (sCT, MeanFlow from data) average to the velocity of the marginal the noise came
+from, so they refuse it (:func:`check_wide`).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from distill.core.schedules import discrete_index_sigma_from_uniform, karras_sig
 
 from ..base import Batch
 
-__all__ = ["SIGMA_DENSITIES", "SigmaSampler", "check_sigma_config"]
+__all__ = ["SIGMA_DENSITIES", "SigmaSampler", "check_sigma_config", "check_wide", "widen_noise"]
 
 SIGMA_DENSITIES = ("grid", "lognormal")
 
@@ -65,3 +74,21 @@ class SigmaSampler:
             sigma = lognormal_sigma_from_normal(batch.randn(dtype=torch.float64), self.p_mean, self.p_std)
             sigma = sigma.clamp(lo, hi)
         return sigma.to(device=like.device, dtype=like.dtype)
+
+
+def check_wide(owner: str, frac: float, scale: float, refuse: str | None = None) -> None:
+    """One-line :class:`ConfigError` for bad off-marginal settings: ``frac`` in ``[0, 1]``, ``scale >= 1``; and, when
+    the loss's setting makes its target valid only on the marginal, ``refuse`` (the reason) for any ``frac > 0``."""
+    if not 0 <= frac <= 1 or not scale >= 1:
+        raise ConfigError(f"{owner}: wide_frac must lie in [0, 1] and wide_scale be >= 1, got {frac}, {scale}")
+    if frac > 0 and refuse:
+        raise ConfigError(f"{owner}: wide_frac > 0 {refuse}")
+
+
+def widen_noise(noise: Tensor, frac: float, scale: float) -> Tensor:
+    """``noise`` with its first ``round(frac B)`` rows multiplied by ``scale`` (the rows are i.i.d., so which rows is
+    immaterial; the count is fixed, so every batch has the same share)."""
+    if frac <= 0:
+        return noise
+    n = round(frac * noise.shape[0])
+    return torch.cat([noise[:n] * scale, noise[n:]])
