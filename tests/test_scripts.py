@@ -54,14 +54,19 @@ def test_committed_docs_match_their_records():
     assert _load("report").main(["--check"]) == 0
 
 
-def test_report_check_fails_on_a_hand_edited_number(tmp_path):
+def _docs_copy(root: Path) -> None:
+    """The rendered docs and their records under ``root`` (for report.py --root)."""
     import shutil
 
-    report = _load("report")
     for rel in ("README.md", "docs/benchmarks.md"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
-    shutil.copytree(ROOT / "docs" / "bench", tmp_path / "docs" / "bench")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, root / rel)
+    shutil.copytree(ROOT / "docs" / "bench", root / "docs" / "bench")
+
+
+def test_report_check_fails_on_a_hand_edited_number(tmp_path):
+    report = _load("report")
+    _docs_copy(tmp_path)
     assert report.main(["--check", "--root", str(tmp_path)]) == 0
     doc = tmp_path / "docs" / "benchmarks.md"
     text = doc.read_text()
@@ -74,13 +79,8 @@ def test_report_check_fails_on_a_hand_edited_number(tmp_path):
 
 def test_report_refuses_a_block_that_appears_twice(tmp_path):
     """A pasted second copy of a section would otherwise re-render silently and pass --check."""
-    import shutil
-
     report = _load("report")
-    for rel in ("README.md", "docs/benchmarks.md"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
-    shutil.copytree(ROOT / "docs" / "bench", tmp_path / "docs" / "bench")
+    _docs_copy(tmp_path)
     doc = tmp_path / "docs" / "benchmarks.md"
     text = doc.read_text()
     start = text.index("<!-- report:ring-floor -->")
