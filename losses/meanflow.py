@@ -143,6 +143,9 @@ class MeanFlow(DistillLoss):
             the rest have ``r = t`` (flow matching of the student's own velocity).
         time_dist: ``"logit_normal"`` (``sigmoid(p_mean + p_std n)``, paper Table 1d) or ``"uniform"``.
         p_mean, p_std: the logit-normal's parameters (paper: (-0.4, 1.0) ImageNet; (-2.0, 2.0) CIFAR-10).
+        p_boundary: share of the ``r != t`` samples whose ``r`` is set to the data end ``t(sigma_min)`` (the jump
+            the 1-NFE sampler makes; the MeanFlow identity at ``r = 0`` is the continuous consistency condition);
+            0 = the paper's sampler alone (not in the paper; AYF's option of the same name).
         norm_p: the adaptive weight's power ``p`` (1.0 the paper's ImageNet default; 0 is plain L2).
         norm_eps: its ``c`` (1e-3, the paper's).
         jvp: ``"autograd"`` (``torch.func.jvp``) or ``"finite_difference"`` (central difference, step ``jvp_h``;
@@ -166,6 +169,7 @@ class MeanFlow(DistillLoss):
         time_dist: str = "logit_normal",
         p_mean: float = -0.4,
         p_std: float = 1.0,
+        p_boundary: float = 0.0,
         norm_p: float = 1.0,
         norm_eps: float = 1e-3,
         jvp: str = "autograd",
@@ -185,6 +189,8 @@ class MeanFlow(DistillLoss):
             raise ConfigError(f"meanflow: ratio (the fraction of r != t) must lie in [0, 1], got {ratio}")
         if not p_std > 0:
             raise ConfigError(f"meanflow: p_std must be > 0, got {p_std}")
+        if not 0.0 <= p_boundary <= 1.0:
+            raise ConfigError(f"meanflow: p_boundary must lie in [0, 1], got {p_boundary}")
         if not norm_p >= 0:
             raise ConfigError(f"meanflow: norm_p must be >= 0 (0 = plain L2), got {norm_p}")
         if not norm_eps > 0:
@@ -192,7 +198,7 @@ class MeanFlow(DistillLoss):
         if not 0 < jvp_h < 0.1:
             raise ConfigError(f"meanflow: jvp_h must lie in (0, 0.1), got {jvp_h}")
         self.source, self.ratio, self.time_dist = source, float(ratio), time_dist
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.p_mean, self.p_std, self.p_boundary = float(p_mean), float(p_std), float(p_boundary)
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_method, self.jvp_h, self.guidance = jvp, float(jvp_h), float(guidance)
         self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
@@ -217,7 +223,7 @@ class MeanFlow(DistillLoss):
     # -- pieces of one step ----------------------------------------------------------------------------------
     def sample_times(self, batch: Batch, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(r, t, r_ne_t)``, each ``[B]`` (the last a bool): paper §4.3's (r, t) sampler, clipped to the teacher's
-        RF range (module docstring)."""
+        RF range (module docstring); with ``p_boundary`` that share of the ``r != t`` samples jumps to ``t_lo``."""
         n = batch.randn(2, dtype=like.dtype).to(like.device)
         if self.time_dist == "logit_normal":
             pair = torch.sigmoid(self.p_mean + self.p_std * n)
@@ -226,6 +232,8 @@ class MeanFlow(DistillLoss):
         t, r = pair.max(1).values, pair.min(1).values
         neq = batch.rand(dtype=like.dtype).to(like.device) < self.ratio
         t = t.clamp(self.t_lo, self.t_hi)
+        if self.p_boundary > 0:  # (drawn only when on: the stream of the paper's sampler stays as it was)
+            r = torch.where(batch.rand(dtype=like.dtype).to(like.device) < self.p_boundary, self.t_lo, r)
         r = torch.where(neq, r.clamp(self.t_lo, self.t_hi), t).clamp(max=t)
         return r, t, neq & (r < t)
 

@@ -330,3 +330,22 @@ def test_off_marginal_points_keep_the_identity_at_the_exact_map_and_only_distil(
         build_loss("meanflow", source="data", wide_frac=0.1)
     with pytest.raises(ConfigError, match="wide_scale"):
         build_loss("meanflow", wide_scale=0.5)
+
+
+def test_p_boundary_sends_that_share_of_long_jumps_to_the_data_end():
+    """``p_boundary``: of the r != t samples that share has r = t(sigma_min) (the 1-NFE jump); everything else is
+    the sampler's own draw."""
+    like = torch.zeros(1, dtype=torch.float64)
+    loss = built(None, ratio=0.5, p_boundary=0.4, time_dist="uniform")
+    r, t, neq = loss.sample_times(batch(size=40_000, seed=7, dtype=torch.float64), like)
+    at_end = r[neq] == loss.t_lo
+    assert float(at_end.double().mean()) == pytest.approx(0.4, abs=0.01)
+    assert float(neq.double().mean()) == pytest.approx(0.5, abs=0.01) and bool((r[~neq] == t[~neq]).all())
+    # the rest of the draws is the sampler without it: same t, same r != t pattern, same r off the boundary share
+    r0, t0, neq0 = built(None, ratio=0.5, time_dist="uniform").sample_times(batch(size=40_000, seed=7,
+                                                                                  dtype=torch.float64), like)
+    assert torch.equal(t, t0) and bool((neq | ~neq0).all())  # (a pair clipped to r = t = t_hi can now jump)
+    keep = ~(neq & (r == loss.t_lo))
+    assert torch.equal(r[keep], r0[keep]) and float((r0[~keep] > loss.t_lo).double().mean()) > 0.99
+    with pytest.raises(ConfigError, match="p_boundary"):
+        build_loss("meanflow", p_boundary=1.5)
