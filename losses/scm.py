@@ -46,10 +46,10 @@ Off-marginal points (``wide_frac`` p, ``wide_scale`` s; sCD only, default off; n
 :func:`losses.parts.widen_noise`): a fraction p of each batch draws its noise with s times the std, ``x_t = cos t x0 +
 sin t (s z)``. sCD's objective is the residual of the consistency condition ``df/dt = 0`` along the teacher's PF-ODE,
 which holds at every point, so these points train the same map where the sampler can land but the marginal almost
-never goes: the noise tails the 1-NFE sampler starts from (a 2-D ring run drew ``|z| / sd > 4`` a few times in 8
-million samples, and its map there ran off to radius 10^3) and the off-ring inputs of the later steps. sCT's tangent
-is the data pair's conditional velocity, whose average is the velocity of the marginal the noise was drawn from, so
-there it would train the map of another process: refused.
+never goes: the noise tails the 1-NFE sampler starts from (on the 2-D ring the map ran off beyond about four standard
+deviations) and the off-data inputs of the later steps. sCT's tangent is the data pair's conditional velocity, whose
+average is the velocity of the marginal the noise was drawn from, so there it would train the map of another process:
+refused.
 
 Dropout: the JVP pass and the gradient pass of ``F`` run under :func:`losses.parts.same_randomness` with one seed
 drawn from the batch per step, so they see the same mask (the finite-difference fallback re-seeds each of its passes).
