@@ -909,6 +909,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-ring_scm_seeds": suite("ring_scm_seeds"),
     "seeds-ring_scm_seeds": per_seed("ring_scm_seeds"),
     "seeds-ring_cont": per_seed("ring_cont"),
+    "seeds-ring_jvp": per_seed("ring_jvp"),
     "curve-digits_cont_long": curve("digits_cont_long"),
     "cost-cont": cost_block("cost_cont.json"),
 }
