@@ -827,24 +827,26 @@ def probes(prefix: str, nfes: tuple[int, ...] = (1, 2, 4)) -> Callable[[Path], s
         dirs = sorted(d for d in (root / BENCH / "sweeps").glob(f"{prefix}*") if (d / "eval.json").is_file())
         if not dirs:
             return _missing(BENCH / "sweeps" / f"{prefix}*/eval.json", "distill train CONFIG KEY=VALUE ...")
-        out = ["| probe (command) | " + " | ".join(f"final @ {k} NFE" for k in nfes)
-               + " | curve (iteration: " + " / ".join(str(k) for k in nfes if k <= 4)
-               + " NFE, sampling seed 0) | steps skipped by the NaN guard |", "|---" * (len(nfes) + 3) + "|"]
-        teacher = []
+        rows, teacher, curve_nfes = [], [], set()
         for d in dirs:
-            rows = json.loads((d / "eval.json").read_text())
-            teacher += [r["score"] for r in rows if r["model"] == "teacher"]
-            cells = [_fmt_spread([r["score"] for r in rows if r["model"] != "teacher" and r["nfe"] == k])
+            evals = json.loads((d / "eval.json").read_text())
+            teacher += [r["score"] for r in evals if r["model"] == "teacher"]
+            cells = [_fmt_spread([r["score"] for r in evals if r["model"] != "teacher" and r["nfe"] == k])
                      for k in nfes]
             curve: dict[int, dict[int, float]] = {}
             if (d / "fid_vs_step.json").is_file():
                 for r in json.loads((d / "fid_vs_step.json").read_text())["student"]:
                     curve.setdefault(int(r["model"].split("@")[1]), {})[r["nfe"]] = r["score"]
+                    curve_nfes.add(r["nfe"])
             pts = "; ".join(f"{it}: " + " / ".join(f"{v[k]:.3g}" for k in sorted(v)) for it, v in sorted(curve.items()))
             cmd = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else d.name
             run = json.loads((d / "record.json").read_text()) if (d / "record.json").is_file() else {}
             skipped = run.get("skipped_steps", "?")
-            out.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts or '–'} | {skipped} |")
+            rows.append(f"| `{d.name}`: {cmd} | " + " | ".join(cells) + f" | {pts or '–'} | {skipped} |")
+        curve_head = ("curve (iteration: " + " / ".join(map(str, sorted(curve_nfes))) + " NFE, sampling seed 0)"
+                      if curve_nfes else "curve (not evaluated during training)")
+        out = ["| probe (command) | " + " | ".join(f"final @ {k} NFE" for k in nfes) + f" | {curve_head} | "
+               "steps skipped by the NaN guard |", "|---" * (len(nfes) + 3) + "|", *rows]
         ref = _fmt_spread(teacher, missing="?")
         return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*/` (`eval.json`, `record.json` and, where "
                                      f"the run evaluated during training, `fid_vs_step.json` of `distill train`; the "
