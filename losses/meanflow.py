@@ -156,6 +156,12 @@ class MeanFlow(DistillLoss):
             points, :mod:`losses.parts.sigmas`; ``source: teacher`` only: the identity with the teacher's ``v``
             holds at every point, the data mode's ``eps - x0`` averages to the velocity of the wider marginal); 0 =
             off, not in the paper.
+        gap_warmup: a short-to-long curriculum over the first ``gap_warmup`` of training (a fraction of the run,
+            the step context's ``progress``): the gap ``t - r`` is capped at ``max(gap_min, progress / gap_warmup)``
+            of the RF range, ``r = max(r, t - cap)``; 0 = off (the paper's sampler). After Kim et al. 2025
+            (arXiv:2511.19065: large-gap average velocities are learnt from established small-gap ones, so emphasis
+            moves from short to long intervals), as a cap rather than their loss weighting.
+        gap_min: the cap's floor at the start of the curriculum (a fraction of the RF range).
     """
 
     phases = ("student",)
@@ -177,6 +183,8 @@ class MeanFlow(DistillLoss):
         guidance: float = 1.0,
         wide_frac: float = 0.0,
         wide_scale: float = 2.0,
+        gap_warmup: float = 0.0,
+        gap_min: float = 0.05,
     ) -> None:
         super().__init__()
         check_wide("meanflow", wide_frac, wide_scale, None if source == "teacher" else
@@ -191,6 +199,10 @@ class MeanFlow(DistillLoss):
             raise ConfigError(f"meanflow: p_std must be > 0, got {p_std}")
         if not 0.0 <= p_boundary <= 1.0:
             raise ConfigError(f"meanflow: p_boundary must lie in [0, 1], got {p_boundary}")
+        if not 0.0 <= gap_warmup <= 1.0:
+            raise ConfigError(f"meanflow: gap_warmup (a fraction of training) must lie in [0, 1], got {gap_warmup}")
+        if not 0.0 < gap_min <= 1.0:
+            raise ConfigError(f"meanflow: gap_min (a fraction of the RF time range) must lie in (0, 1], got {gap_min}")
         if not norm_p >= 0:
             raise ConfigError(f"meanflow: norm_p must be >= 0 (0 = plain L2), got {norm_p}")
         if not norm_eps > 0:
@@ -202,6 +214,7 @@ class MeanFlow(DistillLoss):
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_method, self.jvp_h, self.guidance = jvp, float(jvp_h), float(guidance)
         self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
+        self.gap_warmup, self.gap_min = float(gap_warmup), float(gap_min)
         # RF time range [t(sigma_min), t(sigma_max)]; set from the teacher in setup()
         self.t_lo, self.t_hi = float(rf_t_from_sigma(torch.tensor(0.002))), float(rf_t_from_sigma(torch.tensor(80.0)))
         self.sigma_max = 80.0
@@ -221,9 +234,16 @@ class MeanFlow(DistillLoss):
         return SamplingPlan(gamma=0.0, levels=levels)
 
     # -- pieces of one step ----------------------------------------------------------------------------------
-    def sample_times(self, batch: Batch, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def gap_cap(self, progress: float) -> float | None:
+        """The curriculum's cap on ``t - r`` in RF time at training ``progress`` (``None``: no cap)."""
+        if self.gap_warmup <= 0 or progress >= self.gap_warmup:
+            return None
+        return max(self.gap_min, progress / self.gap_warmup) * (self.t_hi - self.t_lo)
+
+    def sample_times(self, batch: Batch, like: Tensor, progress: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         """``(r, t, r_ne_t)``, each ``[B]`` (the last a bool): paper §4.3's (r, t) sampler, clipped to the teacher's
-        RF range (module docstring); with ``p_boundary`` that share of the ``r != t`` samples jumps to ``t_lo``."""
+        RF range (module docstring); with ``p_boundary`` that share of the ``r != t`` samples jumps to ``t_lo``; with
+        ``gap_warmup`` the gap is capped by :meth:`gap_cap` at ``progress``."""
         n = batch.randn(2, dtype=like.dtype).to(like.device)
         if self.time_dist == "logit_normal":
             pair = torch.sigmoid(self.p_mean + self.p_std * n)
@@ -235,6 +255,9 @@ class MeanFlow(DistillLoss):
         if self.p_boundary > 0:  # (drawn only when on: the stream of the paper's sampler stays as it was)
             r = torch.where(batch.rand(dtype=like.dtype).to(like.device) < self.p_boundary, self.t_lo, r)
         r = torch.where(neq, r.clamp(self.t_lo, self.t_hi), t).clamp(max=t)
+        cap = self.gap_cap(progress)
+        if cap is not None:
+            r = torch.maximum(r, t - cap)
         return r, t, neq & (r < t)
 
     def velocity(self, teacher: nn.Module, z: Tensor, t: Tensor, x0: Tensor, eps: Tensor,
@@ -276,7 +299,7 @@ class MeanFlow(DistillLoss):
         if x0 is None:
             raise ValueError("meanflow needs data in batch.data (z_t = (1 - t) x0 + t eps, both sources)")
         eps = widen_noise(batch.randn_like(x0), self.wide_frac, self.wide_scale)
-        r, t, neq = self.sample_times(batch, x0)
+        r, t, neq = self.sample_times(batch, x0, ctx.progress)
         z = append_dims(1 - t, x0.ndim) * x0 + append_dims(t, x0.ndim) * eps
         seed = batch.draw_seed()
         v = self.velocity(teacher, z, t, x0, eps, cond)

@@ -349,3 +349,27 @@ def test_p_boundary_sends_that_share_of_long_jumps_to_the_data_end():
     assert torch.equal(r[keep], r0[keep]) and float((r0[~keep] > loss.t_lo).double().mean()) > 0.99
     with pytest.raises(ConfigError, match="p_boundary"):
         build_loss("meanflow", p_boundary=1.5)
+
+
+def test_gap_warmup_caps_the_gap_short_to_long_and_then_leaves_the_sampler_alone():
+    """``gap_warmup``: at progress p < gap_warmup the gap t - r is at most max(gap_min, p / gap_warmup) of the RF
+    range (and reaches it: the cap binds), t and the r = t pattern untouched; from p = gap_warmup on the draws are
+    the sampler's own, bit for bit."""
+    like = torch.zeros(1, dtype=torch.float64)
+    loss = built(None, ratio=0.5, time_dist="uniform", gap_warmup=0.5, gap_min=0.05)
+    span = loss.t_hi - loss.t_lo
+    free_r, free_t, free_neq = built(None, ratio=0.5, time_dist="uniform").sample_times(
+        batch(size=20_000, seed=3, dtype=torch.float64), like)
+    for progress, frac in ((0.0, 0.05), (0.01, 0.05), (0.2, 0.4), (0.45, 0.9)):
+        r, t, neq = loss.sample_times(batch(size=20_000, seed=3, dtype=torch.float64), like, progress)
+        gap = t - r
+        assert float(gap.max()) <= frac * span + 1e-12 and float(gap.max()) > 0.95 * frac * span
+        assert torch.equal(t, free_t) and bool((r[~free_neq] == t[~free_neq]).all())
+        assert torch.equal(r[free_t - free_r <= frac * span], free_r[free_t - free_r <= frac * span])
+    for progress in (0.5, 0.9, 1.0):
+        r, t, neq = loss.sample_times(batch(size=20_000, seed=3, dtype=torch.float64), like, progress)
+        assert torch.equal(r, free_r) and torch.equal(t, free_t) and torch.equal(neq, free_neq)
+    assert loss.gap_cap(0.6) is None and built(None).gap_cap(0.0) is None
+    for bad in ({"gap_warmup": 1.5}, {"gap_warmup": -0.1}, {"gap_min": 0.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            build_loss("meanflow", **bad)
