@@ -862,6 +862,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "probes-digits_cont": probes("digits_"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
+    "probes-grid_cont": probes("grid_probe_", (1, 2, 4, 8)),
     "history-dmd2": history_dmd2,
     "results": results,
     "bars": bars,
