@@ -160,7 +160,8 @@ class MeanFlow(DistillLoss):
             the step context's ``progress``): the gap ``t - r`` is capped at ``max(gap_min, progress / gap_warmup)``
             of the RF range, ``r = max(r, t - cap)``; 0 = off (the paper's sampler). After Kim et al. 2025
             (arXiv:2511.19065: large-gap average velocities are learnt from established small-gap ones, so emphasis
-            moves from short to long intervals), as a cap rather than their loss weighting.
+            moves from short to long intervals), as a cap rather than their loss weighting. The cap binds
+            ``p_boundary``'s jumps too: during the curriculum they reach only as far as the cap allows.
         gap_min: the cap's floor at the start of the curriculum (a fraction of the RF range).
     """
 

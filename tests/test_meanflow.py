@@ -370,6 +370,11 @@ def test_gap_warmup_caps_the_gap_short_to_long_and_then_leaves_the_sampler_alone
         r, t, neq = loss.sample_times(batch(size=20_000, seed=3, dtype=torch.float64), like, progress)
         assert torch.equal(r, free_r) and torch.equal(t, free_t) and torch.equal(neq, free_neq)
     assert loss.gap_cap(0.6) is None and built(None).gap_cap(0.0) is None
+    both = built(None, ratio=0.5, time_dist="uniform", gap_warmup=0.5, p_boundary=0.5)  # the cap binds its jumps too
+    r, t, _ = both.sample_times(batch(size=20_000, seed=3, dtype=torch.float64), like, 0.1)
+    assert float((t - r).max()) <= 0.2 * span + 1e-12
+    r, t, _ = both.sample_times(batch(size=20_000, seed=3, dtype=torch.float64), like, 0.5)
+    assert float((r == both.t_lo).double().mean()) > 0.1
     for bad in ({"gap_warmup": 1.5}, {"gap_warmup": -0.1}, {"gap_min": 0.0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             build_loss("meanflow", **bad)
