@@ -855,6 +855,39 @@ def probes(prefix: str, nfes: tuple[int, ...] = (1, 2, 4)) -> Callable[[Path], s
     return render
 
 
+def jumps(prefix: str) -> Callable[[Path], str]:
+    """Where a flow-map student's error comes from: one row per record ``docs/bench/sweeps/<prefix>*_jumps.json``
+    (``scripts/diag_jumps.py``): the mean distance to the teacher's PF-ODE endpoint of the student's 1- and 2-NFE
+    chains and of each single jump ``J(x_s, s, 0)`` started on the teacher's trajectory, with the share of points off
+    every mode."""
+    def render(root: Path) -> str:
+        paths = sorted((root / BENCH / "sweeps").glob(f"{prefix}*_jumps.json"))
+        if not paths:
+            return _missing(BENCH / "sweeps" / f"{prefix}*_jumps.json", "python scripts/diag_jumps.py RUN --out ...")
+        recs = [json.loads(p.read_text()) for p in paths]
+        levels = sorted({r["level"] for rec in recs for r in rec["jumps_to_0"]}, reverse=True)
+        head = ["run", "1 NFE", "2 NFE", f"2 NFE's first jump (to {recs[0]['mid']:g})",
+                *(f"J({s:g} -> 0)" for s in levels)]
+        out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for p, rec in zip(paths, recs):
+            by = {r["level"]: r for r in rec["jumps_to_0"]}
+            cells = [f"{rec['one_nfe']['mean']:.3g} (off {rec['one_nfe']['off']:.2f})",
+                     f"{rec['two_nfe']['mean']:.3g} (off {rec['two_nfe']['off']:.2f})",
+                     f"{rec['two_nfe_first_jump']['mean']:.3g}",
+                     *(f"{by[s]['mean']:.3g} (off {by[s]['off']:.2f})" if s in by else "–" for s in levels)]
+            out.append(f"| `{p.name}`: {rec.get('run_command') or rec['run']} | " + " | ".join(cells) + " |")
+        ref = max(rec["reference_error"]["p90"] for rec in recs)
+        env = recs[0]["environment"]
+        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*_jumps.json` (scripts/diag_jumps.py, "
+                                     f"{recs[0]['n']:,} noises, seed {recs[0]['seed']}; commit "
+                                     f"`{env['git_commit'][:12]}`): mean distance to the teacher's PF-ODE endpoint "
+                                     f"(off: share farther than {recs[0]['off_radius']:g} from every mode; the "
+                                     f"teacher's own endpoints: {recs[0]['teacher_off']:.2f}); the ODE reference's "
+                                     f"own error below {ref:.1g} (90th percentile)._"])
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "main-job": main_job,
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
@@ -863,6 +896,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
     "probes-grid_cont": probes("grid_probe_", (1, 2, 4, 8)),
+    "jumps-ring_meanflow": jumps("ring_meanflow_"),
     "history-dmd2": history_dmd2,
     "results": results,
     "bars": bars,

@@ -156,3 +156,24 @@ def test_every_shipped_config_loads_and_builds_its_loss_and_every_suite_resolves
     fdiv = bench.rows_of(bench.load_suite("mixture_fdiv"))
     assert [key for key, _, _ in fdiv] == ["mixture_fdistill[reverse_kl]", "mixture_fdistill[forward_kl]",
                                            "mixture_fdistill[js]"]
+
+
+def test_diag_jumps_isolates_each_jump_on_an_accurate_ode_reference(tmp_path):
+    """`scripts/diag_jumps.py` on a 4-step MeanFlow run: one row per level, the ODE reference's own error far below
+    any student error, and a one-line refusal of a 2-NFE level that is not among the levels."""
+    from distill.config import load_config
+    from distill.train import run_training
+
+    ov = ["trainer.max_steps=4", "eval.every=0", "trainer.grid_every=0", "trainer.progress_bar=false",
+          "trainer.ckpt_every=4", "data.batch_size=64", "student.hidden=32", "student.depth=2",
+          f"out_dir={tmp_path / 'r'}"]
+    run_training(load_config(ROOT / "configs" / "ring_meanflow.yaml", ov), final_eval=False)
+    mod = _load("diag_jumps")
+    rec = mod.main([str(tmp_path / "r"), "--n", "300", "--levels", "3", "1", "0.3", "--steps", "30",
+                    "--out", str(tmp_path / "j.json")])
+    assert [r["level"] for r in rec["jumps_to_0"]] == [80.0, 3.0, 1.0, 0.3]
+    assert rec["reference_error"]["p90"] < 1e-2 < rec["one_nfe"]["mean"]  # an untrained student is far off
+    assert all(math.isfinite(r["mean"]) and 0 <= r["off"] <= 1 for r in rec["jumps_to_0"])
+    assert (tmp_path / "j.json").is_file()
+    with pytest.raises(SystemExit, match="--mid 2.0 must be one of"):
+        mod.main([str(tmp_path / "r"), "--levels", "1", "--mid", "2.0"])
