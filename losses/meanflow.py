@@ -78,7 +78,7 @@ from .parts.sigmas import check_wide, widen_noise
 __all__ = ["MeanFlow", "average_velocity", "teacher_velocity", "adaptive_weight", "rf_uniform_levels"]
 
 SOURCES = ("teacher", "data")
-TIME_DISTS = ("logit_normal", "uniform")
+TIME_DISTS = ("logit_normal", "uniform", "log_uniform")
 #: sampling levels are listed for k NFE up to this
 MAX_PLAN_NFE = 16
 
@@ -141,7 +141,9 @@ class MeanFlow(DistillLoss):
             the batch's data and noise.
         ratio: fraction of samples with ``r != t`` (paper Table 1a: 25% best on ImageNet, 75% its CIFAR-10 setting);
             the rest have ``r = t`` (flow matching of the student's own velocity).
-        time_dist: ``"logit_normal"`` (``sigmoid(p_mean + p_std n)``, paper Table 1d) or ``"uniform"``.
+        time_dist: ``"logit_normal"`` (``sigmoid(p_mean + p_std n)``, paper Table 1d), ``"uniform"`` or
+            ``"log_uniform"`` (uniform in ``logit(t) = log(sigma)`` over the teacher's ``[sigma_min, sigma_max]``:
+            both ends of the noise range get mass; not in the paper).
         p_mean, p_std: the logit-normal's parameters (paper: (-0.4, 1.0) ImageNet; (-2.0, 2.0) CIFAR-10).
         p_boundary: share of the ``r != t`` samples whose ``r`` is set to the data end ``t(sigma_min)`` (the jump
             the 1-NFE sampler makes; the MeanFlow identity at ``r = 0`` is the continuous consistency condition);
@@ -248,6 +250,9 @@ class MeanFlow(DistillLoss):
         n = batch.randn(2, dtype=like.dtype).to(like.device)
         if self.time_dist == "logit_normal":
             pair = torch.sigmoid(self.p_mean + self.p_std * n)
+        elif self.time_dist == "log_uniform":  # uniform in log(sigma) = logit(t) over the teacher's range
+            lo, hi = torch.logit(torch.tensor([self.t_lo, self.t_hi], dtype=torch.float64)).tolist()
+            pair = torch.sigmoid(lo + (hi - lo) * batch.rand(2, dtype=like.dtype).to(like.device))
         else:
             pair = batch.rand(2, dtype=like.dtype).to(like.device)
         t, r = pair.max(1).values, pair.min(1).values

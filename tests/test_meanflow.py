@@ -227,6 +227,16 @@ def test_time_sampler_and_clipping():
                                                                               dtype=torch.float64), like)
     assert not neq.any() and bool((r == t).all())
     assert float(t.mean()) == pytest.approx(2 / 3, abs=0.01)  # E max(U1, U2)
+    # log_uniform: logit(t) = log(sigma) uniform over [log sigma_min, log sigma_max]; t the max of two draws, so the
+    # median of logit(t) sits at 1/sqrt(2) of the range and r's (r != t) at 1 - 1/sqrt(2); both ends are reached
+    r, t, neq = built(None, time_dist="log_uniform", ratio=0.5).sample_times(batch(size=40_000, seed=10,
+                                                                                   dtype=torch.float64), like)
+    a, b = math.log(0.002), math.log(80.0)
+    assert float(torch.logit(t).median()) == pytest.approx(a + (b - a) / math.sqrt(2), abs=0.1)
+    assert float(torch.logit(r[neq]).median()) == pytest.approx(a + (b - a) * (1 - 1 / math.sqrt(2)), abs=0.15)
+    assert float(t.min()) >= lo and float(t.max()) <= hi and float(r.min()) >= lo
+    assert float((sigma_from_rf_t(t) > 40).double().mean()) == pytest.approx(1 - (1 - math.log(2) / (b - a)) ** 2,
+                                                                              abs=0.01)
 
 
 def test_sampling_plan_is_deterministic_jumps_uniform_in_rf_time():
