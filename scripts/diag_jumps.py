@@ -8,7 +8,9 @@ percentile) of the run's EMA student started ON the teacher's trajectory, so eac
 plus the student's own 1- and 2-NFE chains from ``sigma_max`` (2 NFE through ``--mid``) and its first 2-NFE jump
 ``sigma_max -> mid`` against ``x_mid``. ``reference_error`` is the ODE solve's own error (the same solve with half the
 steps), so distances far above it are the student's. ``off`` is the fraction of points farther than ``--off-radius``
-from every mode centre (ring/grid teachers: the mixture's means).
+from every mode centre (ring/grid teachers: the mixture's means). ``near_boundary`` splits the 1-NFE chain's points by
+whether their noise lies near a basin boundary of the teacher's map: the noise moved by ``+- --boundary-eps`` along a
+random direction ends (by the same ODE) at another mode than the noise itself.
 
     python scripts/diag_jumps.py RUN_DIR --out docs/bench/sweeps/NAME_jumps.json
 """
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mid", type=float, default=1.0, help="the 2-NFE chain's intermediate level (one of --levels)")
     ap.add_argument("--steps", type=int, default=60, help="Heun steps per ODE segment")
     ap.add_argument("--off-radius", type=float, default=0.25)
+    ap.add_argument("--boundary-eps", type=float, default=0.05,
+                    help="noise perturbation that decides 'near a basin boundary' (relative to the unit noise)")
     ap.add_argument("--out", default=None, help="JSON record (default RUN/jumps.json)")
     args = ap.parse_args(argv)
     if args.mid not in args.levels:
@@ -82,8 +86,21 @@ def main(argv: list[str] | None = None) -> dict:
         x0 = pts[-1]
         means = teacher.means.to(torch.float64)
 
+        def off_mask(y: torch.Tensor) -> torch.Tensor:
+            return torch.cdist(y.flatten(1), means.flatten(1)).min(1).values > args.off_radius
+
         def off(y: torch.Tensor) -> float:
-            return float((torch.cdist(y.flatten(1), means.flatten(1)).min(1).values > args.off_radius).double().mean())
+            return float(off_mask(y).double().mean())
+
+        def mode(y: torch.Tensor) -> torch.Tensor:
+            return torch.cdist(y.flatten(1), means.flatten(1)).argmin(1)
+
+        direction = torch.randn(noise.shape, generator=g, dtype=torch.float64)
+        direction = direction / direction.flatten(1).norm(dim=1).view(-1, *[1] * (noise.ndim - 1))
+        near = torch.zeros(args.n, dtype=torch.bool)
+        for sign in (1.0, -1.0):
+            moved = ode_points(teacher, noise + sign * args.boundary_eps * direction, [levels[0], 0.0], args.steps)[-1]
+            near |= mode(moved) != mode(x0)
 
         def jump(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
             n = x.shape[0]
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             y = jump(xs, s, 0.0)
             rows.append({"level": s, **stats((y - x0).flatten(1).norm(dim=1)), "off": off(y)})
         mid_x = pts[levels.index(args.mid)]
+        one = jump(levels[0] * noise, smax, 0.0)
         first = jump(levels[0] * noise, smax, args.mid)
         two = jump(first, args.mid, 0.0)
         record = {
@@ -106,8 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
             "reference_error": stats((coarse - x0).flatten(1).norm(dim=1)),
             "teacher_off": off(x0),
             "jumps_to_0": rows,
-            "one_nfe": {**stats((jump(levels[0] * noise, smax, 0.0) - x0).flatten(1).norm(dim=1)),
-                        "off": off(jump(levels[0] * noise, smax, 0.0))},
+            "one_nfe": {**stats((one - x0).flatten(1).norm(dim=1)), "off": off(one)},
+            "near_boundary": {"eps": args.boundary_eps, "share": float(near.double().mean()),
+                              "one_nfe_off_near": float(off_mask(one[near]).double().mean()) if near.any() else None,
+                              "one_nfe_off_rest": float(off_mask(one[~near]).double().mean())
+                              if (~near).any() else None,
+                              "share_of_one_nfe_off_near": float((off_mask(one) & near).double().sum()
+                                                                 / off_mask(one).double().sum().clamp(min=1))},
             "two_nfe_first_jump": stats((first - mid_x).flatten(1).norm(dim=1)),
             "two_nfe": {**stats((two - x0).flatten(1).norm(dim=1)), "off": off(two)},
             "environment": run_environment(),
@@ -117,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out)
-    print(json.dumps({k: record[k] for k in ("reference_error", "one_nfe", "two_nfe_first_jump", "two_nfe")}))
+    print(json.dumps({k: record[k] for k in ("reference_error", "one_nfe", "near_boundary", "two_nfe_first_jump",
+                                             "two_nfe")}))
     for r in rows:
         print(f"  J({r['level']:g} -> 0): mean {r['mean']:.4f} median {r['median']:.4f} p90 {r['p90']:.4f} "
               f"off {r['off']:.3f}")

@@ -865,13 +865,17 @@ def jumps(prefix: str) -> Callable[[Path], str]:
         if not paths:
             return _missing(BENCH / "sweeps" / f"{prefix}*_jumps.json", "python scripts/diag_jumps.py RUN --out ...")
         recs = [json.loads(p.read_text()) for p in paths]
-        levels = sorted({r["level"] for rec in recs for r in rec["jumps_to_0"]}, reverse=True)
-        head = ["run", "1 NFE", "2 NFE", f"2 NFE's first jump (to {recs[0]['mid']:g})",
-                *(f"J({s:g} -> 0)" for s in levels)]
+        # the first level is sigma_max: its jump IS the 1-NFE chain, shown once
+        levels = sorted({r["level"] for rec in recs for r in rec["jumps_to_0"][1:]}, reverse=True)
+        eps = recs[0]["near_boundary"]["eps"]
+        head = ["run", "1 NFE", f"1 NFE off: near a boundary / inside a basin (share near, eps {eps:g})",
+                "2 NFE", f"2 NFE's first jump (to {recs[0]['mid']:g})", *(f"J({s:g} -> 0)" for s in levels)]
         out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for p, rec in zip(paths, recs):
             by = {r["level"]: r for r in rec["jumps_to_0"]}
+            nb = rec["near_boundary"]
             cells = [f"{rec['one_nfe']['mean']:.3g} (off {rec['one_nfe']['off']:.2f})",
+                     f"{nb['one_nfe_off_near']:.2f} / {nb['one_nfe_off_rest']:.2f} ({nb['share']:.2f})",
                      f"{rec['two_nfe']['mean']:.3g} (off {rec['two_nfe']['off']:.2f})",
                      f"{rec['two_nfe_first_jump']['mean']:.3g}",
                      *(f"{by[s]['mean']:.3g} (off {by[s]['off']:.2f})" if s in by else "–" for s in levels)]

@@ -174,6 +174,8 @@ def test_diag_jumps_isolates_each_jump_on_an_accurate_ode_reference(tmp_path):
     assert [r["level"] for r in rec["jumps_to_0"]] == [80.0, 3.0, 1.0, 0.3]
     assert rec["reference_error"]["p90"] < 1e-2 < rec["one_nfe"]["mean"]  # an untrained student is far off
     assert all(math.isfinite(r["mean"]) and 0 <= r["off"] <= 1 for r in rec["jumps_to_0"])
+    nb = rec["near_boundary"]  # 8 basins meeting at the centre: some noises lie near a boundary, most do not
+    assert 0 < nb["share"] < 0.5 and 0 <= nb["share_of_one_nfe_off_near"] <= 1
     assert (tmp_path / "j.json").is_file()
     with pytest.raises(SystemExit, match="--mid 2.0 must be one of"):
         mod.main([str(tmp_path / "r"), "--levels", "1", "--mid", "2.0"])
