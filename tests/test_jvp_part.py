@@ -26,10 +26,11 @@ def test_jvp_matches_float64_central_difference(method):
     ref = (f64(x + 1e-6 * v, s + 1e-6 * ds) - f64(x - 1e-6 * v, s - 1e-6 * ds)) / 2e-6
     out, tan = jvp(f64, (x, s), (v, ds), method=method, h=1e-6)
     assert torch.allclose(out, f64(x, s)) and (tan - ref).norm() < 1e-6 * ref.norm()
-    # float32 network: the fallback's default step is within ~1e-4 relative, the autograd JVP far closer
+    # float32 network: the fallback's default step h = 1e-3 leaves a rounding error of order eps32 / h ~ 1e-4
+    # relative (1.5e-4 on an AMD EPYC), the autograd JVP far closer
     out32, tan32 = jvp(lambda a, b: net32(torch.cat([a, b], 1)), (x.float(), s.float()), (v.float(), ds.float()),
                        method=method)
-    assert (tan32.double() - ref).norm() < (1e-4 if method == "finite_difference" else 1e-5) * ref.norm()
+    assert (tan32.double() - ref).norm() < (5e-4 if method == "finite_difference" else 1e-5) * ref.norm()
 
 
 def test_jvp_rejects_bad_input():

@@ -202,7 +202,9 @@ def test_export_adapter_loads_back_and_merge_equals_adapter_model(tmp_path):
         teacher_unet = UNet2DModel.from_pretrained(tmp_path / "teacher" / "unet")
         plain.net.unet.load_state_dict(teacher_unet.state_dict())
         load_adapter(plain.net.unet, tmp_path / "exp" / "lora")
-        assert torch.equal(sample_student(plain, z, sig), want)
+        # float32 rounding only: the same adapters on a freshly built UNet need not sum in the same order on every
+        # CPU (3e-7 on an AMD EPYC, bitwise equal elsewhere)
+        torch.testing.assert_close(sample_student(plain, z, sig), want, rtol=1e-6, atol=1e-6)
         peft_unet = PeftModel.from_pretrained(teacher_unet, tmp_path / "exp" / "lora").eval()
         t = torch.tensor([900.0, 10.0, -300.0])
         assert torch.allclose(peft_unet(z, t).sample, ema.net.unet(z, t).sample, atol=1e-6)
