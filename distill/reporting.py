@@ -72,11 +72,17 @@ def commit_of(env: Mapping[str, Any] | None) -> str:
     return full[:12] + ("+dirty" if full.endswith("+dirty") else "")
 
 
+#: what a suite record's ``wall_s`` measured, by the pass of ``scripts/bench.py`` that wrote it
+WALL_OF = {"reeval": "s wall-clock re-scoring finished runs (--reeval; training is per row)",
+           "collect": "s wall-clock collecting finished runs (--collect; training is per row)"}
+
+
 def provenance(record: Mapping[str, Any], path: str) -> str:
     env = record.get("environment", {})
     commit = commit_of(env)
+    wall = WALL_OF.get(record.get("pass", "train"), "s wall-clock")
     return (f"_Record `{path}` ({record.get('script', '?')}): commit `{commit}`, {env.get('machine', '?')}, torch "
-            f"{env.get('torch', '?')}, {record.get('wall_s', '?')} s wall-clock._")
+            f"{env.get('torch', '?')}, {record.get('wall_s', '?')} {wall}._")
 
 
 def suite_markdown(record: Mapping[str, Any], path: str) -> str:

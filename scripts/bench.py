@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metric = scorer.metric
     record = {"script": "scripts/bench.py", "suite": args.suite, "definition": suite, "extra_overrides": args.extra,
               "metric": metric,
-              "wall_s": round(time.perf_counter() - t0, 1), "environment": run_environment(),
+              "wall_s": round(time.perf_counter() - t0, 1),
+              "pass": "reeval" if args.reeval else "collect" if args.collect else "train",
+              "environment": run_environment(),
               "runs": records, "teacher_rows": t_rows}
     path = args.out / f"{args.suite}.json"
     path.write_text(json.dumps(record, indent=1, default=str))

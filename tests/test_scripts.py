@@ -179,3 +179,14 @@ def test_diag_jumps_isolates_each_jump_on_an_accurate_ode_reference(tmp_path):
     assert (tmp_path / "j.json").is_file()
     with pytest.raises(SystemExit, match="--mid 2.0 must be one of"):
         mod.main([str(tmp_path / "r"), "--levels", "1", "--mid", "2.0"])
+
+
+def test_suite_provenance_says_what_its_wall_clock_measured():
+    """A record re-scored with `bench.py --reeval` must not pass its seconds off as the suite's training time."""
+    from distill.reporting import provenance
+
+    env = {"environment": {"git_commit": "a" * 40, "machine": "m", "torch": "t"}, "script": "scripts/bench.py"}
+    assert provenance({**env, "wall_s": 590.8}, "x.json").endswith("590.8 s wall-clock._")
+    assert provenance({**env, "wall_s": 590.8, "pass": "train"}, "x.json").endswith("590.8 s wall-clock._")
+    assert "14.1 s wall-clock re-scoring finished runs (--reeval" in provenance({**env, "wall_s": 14.1,
+                                                                                "pass": "reeval"}, "x.json")
