@@ -61,6 +61,7 @@ first level ``t = 1`` clipped to ``sigma_max`` (2 NFE: ``[sigma_max, 1, 0]``, th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -251,7 +252,7 @@ class MeanFlow(DistillLoss):
         if self.time_dist == "logit_normal":
             pair = torch.sigmoid(self.p_mean + self.p_std * n)
         elif self.time_dist == "log_uniform":  # uniform in log(sigma) = logit(t) over the teacher's range
-            lo, hi = torch.logit(torch.tensor([self.t_lo, self.t_hi], dtype=torch.float64)).tolist()
+            lo, hi = (math.log(t / (1 - t)) for t in (self.t_lo, self.t_hi))
             pair = torch.sigmoid(lo + (hi - lo) * batch.rand(2, dtype=like.dtype).to(like.device))
         else:
             pair = batch.rand(2, dtype=like.dtype).to(like.device)
