@@ -42,12 +42,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.core.registry import ConfigError
 from distill.train import load_training_checkpoint
 from students import SamplingPlan, build_student_from_config
 from students.lora import adapter_state_dict, merged_copy, save_adapter
 
-__all__ = ["export_checkpoint", "load_exported", "find_checkpoint", "export_plan", "export_lora_adapter",
-           "merged_student", "SD_LORA_WEIGHTS"]
+__all__ = ["export_checkpoint", "load_exported", "warm_start_student", "find_checkpoint", "export_plan",
+           "export_lora_adapter", "merged_student", "SD_LORA_WEIGHTS"]
 
 #: the file ``StableDiffusionPipeline.save_lora_weights`` writes and ``load_lora_weights`` reads
 SD_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -324,3 +325,29 @@ def load_exported(path: str | Path, map_location: str = "cpu") -> tuple[Any, dic
     student.load_state_dict(weights, strict=True)
     student.eval().requires_grad_(False)
     return student, json.loads((path / "sampling.json").read_text())
+
+
+def warm_start_student(student: Any, path: str | Path) -> None:
+    """Load an exported student's weights into a freshly built ``student`` (config ``student.from_export``: fine-tune
+    a distilled student, e.g. a trajectory student under a distribution-matching term). The export must hold the
+    same student kind with the same parameter names and shapes; anything else fails with one line."""
+    path = Path(path)
+    for name in ("model.safetensors", "student_config.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"student.from_export: {str(path)!r} is not an exported student folder (no {name}; "
+                                    "write one with `distill export RUN --out FOLDER`)")
+    kind = json.loads((path / "student_config.json").read_text()).get("kind")
+    if kind != getattr(student, "kind", kind):
+        raise ConfigError(f"student.from_export: {str(path)!r} holds a {kind!r} student, the config builds a "
+                          f"{student.kind!r} one")
+    try:
+        weights = load_file(path / "model.safetensors", device="cpu")
+    except Exception as exc:
+        raise ValueError(f"{str(path / 'model.safetensors')!r} is corrupt or truncated ({exc})") from None
+    own = student.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = [k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or extra or shapes:
+        raise ConfigError(f"student.from_export: {str(path)!r} does not fit the configured student (missing "
+                          f"{missing[:3]}, unexpected {extra[:3]}, shape mismatches {sorted(shapes)[:3]})")
+    student.load_state_dict({k: v.to(own[k]) for k, v in weights.items()}, strict=True)

@@ -37,7 +37,12 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any, Any]:
     student_cfg = dict(to_container(cfg.student))
     if "name" not in student_cfg:
         student_cfg["name"] = getattr(loss, "student_kind", "generator")
+    warm = student_cfg.pop("from_export", None)
     student = build_student(student_cfg.pop("name"), teacher, **student_cfg)
+    if warm is not None:  # fine-tune an exported student (its weights replace the init's)
+        from distill.export import warm_start_student
+
+        warm_start_student(student, warm)
     if tuple(student.data_shape) != tuple(teacher.data_shape):
         raise ConfigError(f"student data shape {list(student.data_shape)} does not match the teacher's "
                           f"{list(teacher.data_shape)}")

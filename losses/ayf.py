@@ -68,9 +68,15 @@ Sampling (``sampling()``): ``gamma = 0`` by default, a deterministic chain of fl
 ``sampling_floor`` beyond) or ``karras`` (the project default grid); ``sampling_gamma > 0`` is CTM gamma-sampling, the
 paper's stochastic sampler.
 
-Departures: no autoguidance (the project's teachers have no weak checkpoint; ``guidance`` is ordinary CFG), no
-adversarial fine-tuning stage, no learned adaptive weight; VE-sigma JVP instead of RF-time JVP (equal up to the
-per-sample factors above).
+Distribution-matching regulariser (``dm_weight > 0``, :mod:`losses.parts.dm_regulariser`): the paper fine-tunes its
+few-step flow maps with an adversarial loss (§3.5); here the stand-in is rCM's score-based one, DMD's reverse-KL
+gradient on the student's own ``len(dm_levels)``-step samples (backward simulation with ``sampling_gamma``), with a
+fake score trained in a ``"critic"`` phase under DMD2's two-time-scale schedule, added to the AYF loss in the student
+phase. ``student.from_export`` starts it from an AYF run's export (a fine-tune, as in the paper).
+
+Departures: no autoguidance (the project's teachers have no weak checkpoint; ``guidance`` is ordinary CFG), the
+adversarial fine-tune replaced by the score-based regulariser above, no learned adaptive weight; VE-sigma JVP
+instead of RF-time JVP (equal up to the per-sample factors above).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ from students.sampling import SamplingPlan
 
 from . import register_loss
 from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
+from .parts.dm_regulariser import DistributionMatchingRegulariser
 from .parts.jvp import check_jvp_method, jvp, normalize_tangent, same_randomness, tangent_rms, tangent_warmup
 from .parts.sigmas import check_wide, widen_noise
 
@@ -167,7 +174,7 @@ def rf_uniform_levels(nfe: int, sigma_max: float) -> tuple[float, ...]:
 
 
 @register_loss("ayf")
-class AlignYourFlow(DistillLoss):
+class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
     """AYF flow-map distillation (arXiv:2506.14603 Algorithm 1 and its Lagrangian variant), see the module docstring.
 
     Args:
@@ -188,6 +195,11 @@ class AlignYourFlow(DistillLoss):
         wide_frac, wide_scale: the fraction of each batch whose noise is ``wide_scale`` times wider (off-marginal
             points, :mod:`losses.parts.sigmas`: both objectives are identities along the teacher's PF-ODE, valid at
             every point); 0 = off, not in the paper.
+        dm_weight, dm_levels, dm_start, critic_updates, fake_warmup, dm_sigma, fake_sigma, fake_init, dm_eps: the
+            distribution-matching regulariser (:mod:`losses.parts.dm_regulariser`; rCM's score-based stand-in for the
+            paper's adversarial fine-tuning): ``dm_weight`` times DMD's reverse-KL gradient on the student's own
+            ``len(dm_levels)``-step samples (drawn with ``sampling_gamma``), a fake score trained in a ``"critic"``
+            phase; ``dm_weight = 0`` (the default) is the plain AYF objective with one phase.
     """
 
     phases = ("student",)
@@ -213,6 +225,15 @@ class AlignYourFlow(DistillLoss):
         sampling_floor: float = 0.4,
         wide_frac: float = 0.0,
         wide_scale: float = 2.0,
+        dm_weight: float = 0.0,
+        dm_levels: list[float] | None = None,
+        dm_start: int = 0,
+        critic_updates: int = 5,
+        fake_warmup: int = 0,
+        dm_sigma: str = "grid",
+        fake_sigma: str = "lognormal",
+        fake_init: str = "teacher",
+        dm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         check_wide("ayf", wide_frac, wide_scale)
@@ -250,18 +271,24 @@ class AlignYourFlow(DistillLoss):
         self.wide_frac, self.wide_scale = float(wide_frac), float(wide_scale)
         self.sigma_min: float | None = None
         self.sigma_max: float | None = None
+        self.init_dm("ayf", weight=dm_weight, levels=dm_levels, start=dm_start, critic_updates=critic_updates,
+                     fake_warmup=fake_warmup, dm_sigma=dm_sigma, fake_sigma=fake_sigma, fake_init=fake_init,
+                     eps=dm_eps)
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
-        return {"warmup": 2}
+        """The regulariser is on (2-step generator, 1 host-only iteration), so the contract covers the critic phase."""
+        return {"warmup": 2, "dm_weight": 0.5, "dm_levels": [80.0, 1.0], "dm_start": 1, "critic_updates": 2}
 
     def setup(self, student: nn.Module, teacher: nn.Module, ctx: StepContext) -> None:
         self.sigma_min, self.sigma_max = float(teacher.sigma_min), float(teacher.sigma_max)
+        self.setup_dm(teacher, ctx)
 
     def sampling(self) -> SamplingPlan:
         levels = {}
         if self.sampling_levels == "rf_uniform" and self.sigma_max is not None:
             levels = {n: rf_uniform_levels(n, self.sigma_max) for n in range(1, RF_UNIFORM_MAX_NFE + 1)}
+        levels.update(self.dm_levels_plan())  # the regulariser's generator samples at its own levels
         return SamplingPlan(gamma=self.sampling_gamma, floor=self.sampling_floor, levels=levels)
 
     # -- pieces of one step ----------------------------------------------------------------------------------
@@ -331,8 +358,10 @@ class AlignYourFlow(DistillLoss):
     # -- one phase -------------------------------------------------------------------------------------------
     def forward(self, phase: str, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
                 ) -> dict[str, Tensor]:
+        if phase == "critic" and "critic" in self.phases:
+            return self.dm_critic(student, teacher, batch, ctx)
         if phase != "student":
-            raise ValueError(f"ayf has one phase, 'student'; got {phase!r}")
+            raise ValueError(f"ayf: unknown phase {phase!r}; valid phases: {', '.join(self.phases)}")
         if batch.data is None:
             raise ValueError("ayf needs data in batch.data (data: {name: teacher} or a real data set)")
         cond = batch.labels
@@ -353,13 +382,16 @@ class AlignYourFlow(DistillLoss):
         per_sample = 0.5 * (j - (j - g).detach()).pow(2).flatten(1).mean(1)
         loss = (w.detach() * per_sample).mean()
         norm = tangent_rms(raw)
-        return {
+        out = {
             "loss": loss,
+            "ayf_loss": loss.detach(),
             "tangent_norm": norm[~bad].mean().detach() if (~bad).any() else norm.new_zeros(()),
             "warmup_r": a.new_tensor(r),
             "gap_mean": (a - b).mean().detach(),
             "weight_mean": w.mean().detach(),
             NONFINITE_ROWS: bad.sum().to(torch.float32),
         }
+        out["loss"] = loss + self.dm_term(student, teacher, batch, ctx, out)
+        return out
 
 

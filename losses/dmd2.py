@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 from students import SamplingPlan
 
 from . import parts, register_loss
-from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
+from .base import Batch, DistillLoss, StepContext
 from .parts import regression as reg
 
 __all__ = ["DMD2"]
@@ -173,18 +172,9 @@ class DMD2(reg.RegressionWarmStart, DistillLoss):
 
     def _student(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         x = self._generate(student, teacher, batch, ctx)
-        xd, cond = x.detach(), batch.labels
         # Distribution matching at a random noise level (DMD eq. 7-8, DMD2 §3)
-        sigma = self._dm_sigma(batch, x)
-        x_t = xd + append_dims(sigma, x.ndim) * batch.randn_like(x)
-        with torch.no_grad():
-            mu_real = teacher(x_t, sigma, cond, self.guidance).to(x.dtype)
-            mu_fake = self.fake.denoise(x_t, sigma, cond).to(x.dtype)
-        g, bad = parts.dmd_gradient(xd, mu_real, mu_fake, self.dm_eps)
-        dm = parts.gradient_injection_loss(x, g)
-        out = {"dm_loss": dm.detach(), "dm_grad_norm": g.reshape(batch.size, -1).norm(dim=1).mean(),
-               "sample_mean": xd.mean(), "sample_std": xd.std(), NONFINITE_ROWS: bad.sum()}
-        loss = dm
+        loss, out = parts.distribution_matching(x, self._dm_sigma(batch, x), teacher, self.fake, batch, self.guidance,
+                                                self.dm_eps)
         if self.gan_weight > 0:  # non-saturating GAN term through the frozen fake encoder and head (DMD2 eq. 6)
             with parts.no_param_grad(self.fake, self.gan_head):
                 gan_g = parts.gan_generator_loss(self._logits(x, batch)).mean()

@@ -46,3 +46,42 @@ def test_pipeline_export_refuses_other_students(tmp_path):
     with pytest.raises(NotImplementedError, match="edm_timestep_scale=250"):
         export_consistency_pipeline(build_student("consistency", tiny_edm_teacher(0.25)), tmp_path / "c",
                                     {"sigmas": {}})
+
+
+def _write_export(student, folder):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "student_config.json").write_text(json.dumps(student.config()))
+
+
+def test_warm_start_from_an_export_loads_its_weights_and_refuses_misfits(tmp_path):
+    from distill.core.registry import ConfigError
+    from distill.export import warm_start_student
+
+    teacher = tiny_edm_teacher()
+    trained = build_student("flowmap", teacher)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    _write_export(trained, tmp_path / "ok")
+    fresh = build_student("flowmap", teacher)
+    warm_start_student(fresh, tmp_path / "ok")
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ConfigError, match="holds a 'flowmap' student, the config builds a 'consistency' one"):
+        warm_start_student(build_student("consistency", teacher), tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="not an exported student folder"):
+        warm_start_student(fresh, tmp_path / "missing")
+    other = build_student("flowmap", DiffusersTeacher(small_unet(8, 1, (8, 8), norm_num_groups=4, attention_head_dim=4),
+                                                      {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002,
+                                                       "sigma_max": 80.0, "sigma_data": 0.5,
+                                                       "prediction_type": "epsilon"}, edm_timestep_scale=250.0))
+    with pytest.raises(ConfigError, match="does not fit the configured student"):
+        warm_start_student(other, tmp_path / "ok")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        warm_start_student(fresh, tmp_path / "ok")

@@ -4,12 +4,14 @@ inherited. Not losses themselves: ``losses._import_all`` skips this package.
 * :mod:`.functional` - pure math: the DMD gradient and its injection surrogate, EDM's loss weight, x0 DSM;
 * :mod:`.fake_score` - the fake score network (teacher copy / fresh MLP / residual) and its DSM critic loss;
 * :mod:`.gan` - the GAN head on a feature tap of the fake score, non-saturating losses, ``no_param_grad``;
+* :mod:`.dm_regulariser` - DMD's generator term and a mixin adding it (with its critic) to trajectory losses;
 * :mod:`.rollout` - one-step generation and multi-step backward simulation, drawn through the batch;
 * :mod:`.jvp` - directional derivatives (forward-mode JVP or central difference) and forked dropout RNG;
 * :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch,
   and off-marginal points (a share of the batch noised wider) for losses whose objective holds off the marginal.
 """
 
+from .dm_regulariser import DistributionMatchingRegulariser, distribution_matching
 from .fake_score import (
     FAKE_INITS,
     ResidualFakeScore,
@@ -35,6 +37,8 @@ from .rollout import check_levels, generator_rollout
 from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config, check_wide, widen_noise
 
 __all__ = [
+    "DistributionMatchingRegulariser",
+    "distribution_matching",
     "JVP_METHODS",
     "check_jvp_method",
     "jvp",

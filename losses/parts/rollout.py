@@ -4,6 +4,7 @@ few-step generators (arXiv:2405.14867 §4.5), with every random draw made throug
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ def check_levels(owner: str, levels: Sequence[float] | None) -> list[float] | No
 
 
 def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels: Sequence[float],
-                      data_shape: Sequence[int], cond: Tensor | None = None) -> Tensor:
+                      data_shape: Sequence[int], cond: Tensor | None = None, gamma: float = 1.0) -> Tensor:
     """Generator samples ``[B, *data_shape]``, differentiable through the last jump iff grad is enabled.
 
     One level ``[sigma_0]`` (a one-step generator, normally ``sigma_0 = sigma_max``): ``x = J(sigma_0 z, sigma_0, 0)``
@@ -38,7 +39,11 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
     ``sigma_0 z`` without grad, re-noising after jump ``j`` to ``sigma_{j+1}`` with fresh noise
     (``x = J(x, sigma_j, 0) + sigma_{j+1} n_j``, as at sampling time, so training inputs match inference inputs);
     the last jump ``k -> 0`` is graded. Draws: ``z``, ``k``, then one ``n_j`` per ``j < L - 1`` (always ``L - 1`` of
-    them, so that a process's draw count does not depend on its rows).
+    them, so that a process's draw count does not depend on its rows). ``gamma`` is the sampler's CTM gamma
+    (:func:`students.sampling.sample_student`): the no-grad jumps go to ``u = sqrt(1 - gamma^2) sigma_{j+1}`` and
+    re-noise by ``sqrt(sigma_{j+1}^2 - u^2) n_j``; ``gamma = 1`` (the default) is the re-noising chain above,
+    ``gamma = 0`` a deterministic chain of flow-map jumps ``J(x, sigma_j, sigma_{j+1})`` (whose ``n_j`` are drawn and
+    unused), so a flow-map student is trained on the chain it samples with.
 
     Args:
         student: ``J(x, sigma_from, sigma_to, cond)``.
@@ -54,11 +59,20 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
     x = sig[0] * batch.randn(*data_shape, dtype=dt).to(dev)
     if len(levels) == 1:
         return student(x, sig[0].expand(n), zero, cond)
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ConfigError(f"generator rollout: gamma must lie in [0, 1], got {gamma}")
+    scale = math.sqrt(1.0 - float(gamma) ** 2)
     k = batch.randint(len(levels)).to(dev)
     with torch.no_grad():
         for j in range(len(levels) - 1):
             noise = batch.randn(*data_shape, dtype=dt).to(dev)
             if bool((k > j).any()):
-                renoised = student(x, sig[j].expand(n), zero, cond) + sig[j + 1] * noise
+                if scale == 0.0:  # gamma = 1: jump to the data, re-noise to the next level
+                    renoised = student(x, sig[j].expand(n), zero, cond) + sig[j + 1] * noise
+                else:
+                    u, t = scale * float(sig[j + 1]), float(sig[j + 1])
+                    renoised = student(x, sig[j].expand(n), torch.full_like(zero, u), cond)
+                    if u < t:
+                        renoised = renoised + math.sqrt(t * t - u * u) * noise
                 x = torch.where(append_dims(k > j, x.ndim), renoised, x)
     return student(x, sig[k], zero, cond)

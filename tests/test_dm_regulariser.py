@@ -1,0 +1,178 @@
+"""The distribution-matching regulariser of trajectory losses (``losses/parts/dm_regulariser.py``, on ``ayf``), in
+float64 closed forms on Gaussian data N(M, S^2) whose exact flow map is J*(x, a, b) = M + (x - M) q(b)/q(a),
+q(sigma) = sqrt(S^2 + sigma^2):
+
+* the deterministic (gamma = 0) backward simulation of an exact flow map gives J*(sigma_max z, sigma_max, 0) on every
+  row, whatever its level; for an inexact map the deepest rows are the sampler's own chain;
+* with the fake equal to the teacher the term injects nothing and the student phase is the plain AYF loss, draw for
+  draw; against a teacher N(M2, S^2), a one-step generator whose samples sit off M2 is pushed back (sign), and
+  gradient descent on the term alone reaches the shift whose samples have mean M2, in closed form;
+* the schedule (host-only, fake warm-up, TTUR), the sampling plan's levels and the config errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import batch, ctx, fit, gaussian_denoiser
+from torch import nn
+
+from distill.core.registry import ConfigError
+from losses import build_loss
+from losses.base import NONFINITE_ROWS
+from losses.parts import generator_rollout
+from students import FlowMapStudent
+from students.sampling import sample_student
+from teachers import GaussianMixtureTeacher
+
+torch.set_num_threads(1)
+
+M, S, SMAX = 0.7, 0.5, 80.0
+DT = torch.float64
+
+
+def q(sigma):
+    return (S**2 + torch.as_tensor(sigma, dtype=DT) ** 2).sqrt()
+
+
+class ShiftedFlowMap(FlowMapStudent):
+    """J(x, a, b) = M + (x - M) (q(b)/q(a))^theta + shift (a - b)/(1 + a); theta = 1, shift = 0: the exact map."""
+
+    kind = "flowmap"
+
+    def __init__(self, theta: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__((1,), 0.002, SMAX, S)
+        self.theta = nn.Parameter(torch.tensor(theta, dtype=DT))
+        self.shift = nn.Parameter(torch.tensor(shift, dtype=DT))
+
+    def forward(self, x, sigma_from, sigma_to, cond=None):
+        a = torch.as_tensor(sigma_from, dtype=DT).expand(x.shape[0])
+        b = torch.as_tensor(sigma_to, dtype=DT).expand(x.shape[0])
+        return M + (x - M) * ((q(b) / q(a)) ** self.theta)[:, None] + self.shift * ((a - b) / (1 + a))[:, None]
+
+    def x0_estimate(self, x, sigma_from, sigma_to, cond=None):
+        a, b = sigma_from[:, None], sigma_to[:, None]
+        return (a * self(x, sigma_from, sigma_to) - b * x) / (a - b)
+
+
+class GaussianFake(nn.Module):
+    """The exact denoiser of N(mean(), S_G^2) (``mean`` read at call time, detached)."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def denoise(self, x, sigma, cond=None):
+        return gaussian_denoiser(x, sigma, float(self.mean()), self.std)
+
+
+def teacher() -> GaussianMixtureTeacher:
+    return GaussianMixtureTeacher(torch.full((1, 1), M, dtype=DT), S)
+
+
+def dm_ayf(**kw):
+    cfg = {"objective": "lagrangian", "warmup": 0, "units": "ve", "dm_weight": 1.0, "dm_levels": [SMAX, 1.0],
+           "fake_init": "fresh"}
+    cfg.update(kw)
+    loss = build_loss("ayf", **cfg)
+    loss.setup(ShiftedFlowMap(), teacher(), ctx(dtype=DT))
+    return loss
+
+
+# one-step samples of the exact map from sigma_max z, z ~ N(0, 1): N(M (1 - S/q(80)), (80 S / q(80))^2)
+ONE_STEP_MEAN = M * (1 - S / float(q(SMAX)))
+ONE_STEP_STD = SMAX * S / float(q(SMAX))
+
+
+def test_deterministic_backward_simulation_is_the_samplers_chain():
+    levels = [SMAX, 1.0, 0.3]
+    exact = ShiftedFlowMap()
+    b = batch(size=400, seed=2, dtype=DT)
+    out = generator_rollout(exact, b, ctx(dtype=DT), levels, (1,), gamma=0.0)
+    z = batch(size=400, seed=2, dtype=DT).randn(1)
+    # an exact map composes: every row, whatever its level k, is the one-jump map of its start point
+    torch.testing.assert_close(out, exact(SMAX * z, SMAX, 0.0))
+    # an inexact map: the rows that ran every jump are the gamma-0 sampler's chain on the same z
+    inexact = ShiftedFlowMap(theta=0.8, shift=0.3)
+    b = batch(size=400, seed=2, dtype=DT)
+    out = generator_rollout(inexact, b, ctx(dtype=DT), levels, (1,), gamma=0.0)
+    replay = batch(size=400, seed=2, dtype=DT)
+    z, k = replay.randn(1), replay.randint(3)
+    chain = sample_student(inexact, z, torch.tensor(levels + [0.0], dtype=DT), gamma=0.0)
+    rows = k == 2
+    assert 0.2 < float(rows.double().mean()) < 0.5
+    torch.testing.assert_close(out[rows], chain[rows])
+    with pytest.raises(ConfigError, match="gamma"):
+        generator_rollout(inexact, b, ctx(dtype=DT), levels, (1,), gamma=1.5)
+
+
+def test_fake_equal_to_teacher_adds_nothing_to_the_ayf_step():
+    st, te = ShiftedFlowMap(theta=0.9, shift=0.2), teacher()
+    plain = build_loss("ayf", objective="lagrangian", warmup=0, units="ve")
+    plain.setup(st, te, ctx(dtype=DT))
+    loss = dm_ayf()
+    loss.fake = GaussianFake(lambda: M, S)  # the fake score *is* the real one: the DMD gradient is zero
+    data = M + S * torch.randn(256, 1, dtype=DT, generator=torch.Generator().manual_seed(0))
+    ref = plain("student", st, te, batch(data, seed=4), ctx(5, dtype=DT))
+    out = loss("student", st, te, batch(data, seed=4), ctx(5, dtype=DT))
+    assert float(out["dm_grad_norm"]) < 1e-12 and float(out[NONFINITE_ROWS]) == 0  # float64 rounding only
+    torch.testing.assert_close(out["ayf_loss"], ref["loss"].detach())  # the AYF draws come first, unchanged
+    torch.testing.assert_close(out["loss"], ref["loss"])
+    (g_ref,) = torch.autograd.grad(ref["loss"], st.theta)
+    (g_out,) = torch.autograd.grad(out["loss"], st.theta)
+    torch.testing.assert_close(g_out, g_ref)
+
+
+# a teacher N(M2, S^2) away from the data the map was built for: the one-step generator's samples match its mean at
+# shift* = (M2 - ONE_STEP_MEAN) (1 + 80)/80 (their std is 80 S/q(80), S to 1e-4)
+M2 = M + 0.25
+SHIFT_STAR = (M2 - ONE_STEP_MEAN) * (1 + SMAX) / SMAX
+
+
+def _one_step_setup(shift: float):
+    st = ShiftedFlowMap(shift=shift)
+    te = GaussianMixtureTeacher(torch.full((1, 1), M2, dtype=DT), S)
+    loss = dm_ayf(dm_levels=[SMAX])  # a one-step generator: its samples are N(ONE_STEP_MEAN + shift 80/81, .)
+    loss.fake = GaussianFake(lambda: ONE_STEP_MEAN + float(st.shift) * SMAX / (1 + SMAX), ONE_STEP_STD)
+    return st, te, loss
+
+
+@pytest.mark.parametrize("shift, sign", [(SHIFT_STAR + 0.4, 1), (SHIFT_STAR - 0.4, -1)])
+def test_dm_term_pushes_an_off_mean_generator_back(shift, sign):
+    st, te, loss = _one_step_setup(shift)
+    out = {}
+    term = loss.dm_term(st, te, batch(size=20000, seed=1, dtype=DT), ctx(0, dtype=DT), out)
+    (g,) = torch.autograd.grad(term, st.shift)
+    assert sign * float(g) > 0 and float(out["dm_grad_norm"]) > 0
+
+
+def test_dm_term_alone_reaches_the_mean_matching_shift():
+    st, te, loss = _one_step_setup(0.0)
+    fit(lambda i: loss.dm_term(st, te, batch(size=2048, seed=i, dtype=DT), ctx(i, dtype=DT), {}), [st.shift],
+        300, 2e-2)
+    assert SHIFT_STAR > 0.25 and float(st.shift.detach()) == pytest.approx(SHIFT_STAR, abs=1e-2)
+
+
+def test_schedule_plan_and_phases():
+    assert build_loss("ayf").phases == ("student",)
+    assert build_loss("ayf").phases_for_step(7) == ["student"]
+    loss = build_loss("ayf", dm_weight=1.0, dm_levels=[80.0, 0.8], dm_start=3, fake_warmup=2, critic_updates=3)
+    assert loss.phases == ("critic", "student") and loss.update_every() == {"critic": 1, "student": 3}
+    got = [loss.phases_for_step(k) for k in range(10)]
+    assert got == [["student"]] * 3 + [["critic"]] * 2 + [["critic", "student"], ["critic"], ["critic"],
+                                                          ["critic", "student"], ["critic"]]
+    assert loss.sampling().levels[2] == (80.0, 0.8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dm_weight": -1.0}, "dm_weight"),
+    ({"dm_weight": 1.0}, "dm_levels"),
+    ({"dm_weight": 1.0, "dm_levels": [0.8, 80.0]}, "descending"),
+    ({"dm_weight": 1.0, "dm_levels": [80.0], "critic_updates": 0}, "critic_updates"),
+    ({"dm_weight": 1.0, "dm_levels": [80.0], "dm_sigma": "uniform"}, "sigma density"),
+    ({"dm_weight": 1.0, "dm_levels": [80.0], "fake_init": "copy"}, "fake_init"),
+    ({"dm_start": -2}, "dm_start"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_loss("ayf", **kwargs)
