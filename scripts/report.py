@@ -213,9 +213,11 @@ def results(root: Path) -> str:
     lines = ["| run (metric) | 1 NFE | 2 NFE | 4 NFE | teacher, Heun 35 NFE | ± over |", "|---|---|---|---|---|---|"]
     notes = []
     # suites that re-run a config another suite has (more seeds, longer runs) are labelled with their name
-    again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds"}
+    again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds",
+             "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_dm": "fine-tune of digits_ayf_init"}
     for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont",
-                 "digits_cont_long", "ring", "ring_score", "ring_traj", "ring_cont", "ring_scm_seeds"):
+                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "ring", "ring_score", "ring_traj",
+                 "ring_cont", "ring_scm_seeds"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
@@ -451,8 +453,10 @@ def bars(root: Path) -> str:
     out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
     out += _all_seeds_bar(root, "ring_scm", ("ring_cont", "ring_scm_seeds"))
     out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
-    out += _digits_cont_bars("digits_cont_long", _load(BENCH / "digits_cont_long.json", root))
-    for suite_name in ("ring_cont", "ring_jvp", "digits_cont", "digits_cont_long", "ring_scm_seeds"):
+    for suite_name in ("digits_cont_long", "digits_ayf_init", "digits_ayf_dm"):
+        out += _digits_cont_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
+    for suite_name in ("ring_cont", "ring_jvp", "digits_cont", "digits_cont_long", "digits_ayf_init", "digits_ayf_dm",
+                       "ring_scm_seeds"):
         out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
     out += _issue13_bars(root)
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
@@ -939,6 +943,9 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_traj": suite("digits_traj"),
     "cost-digits_traj": data_cost("digits_traj"),
     "curve-digits_long": curve("digits_long"),
+    "suite-digits_ayf_init": suite("digits_ayf_init"),
+    "suite-digits_ayf_dm": suite("digits_ayf_dm"),
+    "curve-digits_ayf_dm": curve("digits_ayf_dm"),
     "curve-digits_traj": curve("digits_traj"),
     "suite-ring_cont": suite("ring_cont"),
     "modes-ring_cont": modes("ring_cont"),

@@ -85,3 +85,25 @@ def test_warm_start_from_an_export_loads_its_weights_and_refuses_misfits(tmp_pat
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt or truncated"):
         warm_start_student(fresh, tmp_path / "ok")
+
+
+
+def test_config_from_export_starts_the_run_from_the_exported_weights(tmp_path):
+    """``student.from_export`` in a shipped config (configs/digits_ayf_dm.yaml): the built student carries the export's
+    weights, not the teacher copy's."""
+    from pathlib import Path
+
+    from distill.config import load_config
+    from distill.train import build_components
+    from teachers import build_teacher
+
+    trained = build_student("flowmap", build_teacher({"name": "digits"}))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    _write_export(trained, tmp_path / "ayf")
+    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "digits_ayf_dm.yaml"
+    _, student, loss = build_components(load_config(cfg_path, [f"student.from_export={tmp_path / 'ayf'}"]))
+    assert loss.phases == ("critic", "student") and loss.dm_weight > 0
+    for (k, a), b in zip(trained.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), k
