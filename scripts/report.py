@@ -901,6 +901,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
     "sweep-ring_meanflow": sweep("ring_cont_meanflow_"),
     "probes-digits_cont": probes("digits_"),
+    "probes-ayf_dm": probes("ayf_dm_probe_"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
     "probes-grid_cont": probes("grid_probe_", (1, 2, 4, 8)),
