@@ -104,6 +104,8 @@ def test_deterministic_backward_simulation_is_the_samplers_chain():
     torch.testing.assert_close(out[rows], chain[rows])
     with pytest.raises(ConfigError, match="gamma"):
         generator_rollout(inexact, b, ctx(dtype=DT), levels, (1,), gamma=1.5)
+    with pytest.raises(ConfigError, match="gamma"):  # checked for a one-step generator too
+        generator_rollout(inexact, b, ctx(dtype=DT), [SMAX], (1,), gamma=-0.5)
 
 
 def test_fake_equal_to_teacher_adds_nothing_to_the_ayf_step():

@@ -53,14 +53,14 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
         data_shape: one sample's shape.
         cond: ``[B]`` labels or ``None``.
     """
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ConfigError(f"generator rollout: gamma must lie in [0, 1], got {gamma}")
     n, dev, dt = batch.size, ctx.device, ctx.dtype
     sig = torch.tensor([float(s) for s in levels], device=dev, dtype=dt)
     zero = torch.zeros(n, device=dev, dtype=dt)
     x = sig[0] * batch.randn(*data_shape, dtype=dt).to(dev)
     if len(levels) == 1:
         return student(x, sig[0].expand(n), zero, cond)
-    if not 0.0 <= float(gamma) <= 1.0:
-        raise ConfigError(f"generator rollout: gamma must lie in [0, 1], got {gamma}")
     scale = math.sqrt(1.0 - float(gamma) ** 2)
     k = batch.randint(len(levels)).to(dev)
     with torch.no_grad():
