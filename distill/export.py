@@ -318,13 +318,17 @@ def load_exported(path: str | Path, map_location: str = "cpu") -> tuple[Any, dic
         if not (path / name).is_file():
             raise FileNotFoundError(f"exported student folder {str(path)!r} has no {name}")
     student = build_student_from_config(json.loads((path / "student_config.json").read_text()))
-    try:
-        weights = load_file(path / "model.safetensors", device=map_location)
-    except Exception as exc:
-        raise ValueError(f"{str(path / 'model.safetensors')!r} is corrupt or truncated ({exc})") from None
-    student.load_state_dict(weights, strict=True)
+    student.load_state_dict(_export_weights(path, map_location), strict=True)
     student.eval().requires_grad_(False)
     return student, json.loads((path / "sampling.json").read_text())
+
+
+def _export_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """An export folder's ``model.safetensors`` (a one-line ``ValueError`` if it is corrupt or truncated)."""
+    try:
+        return load_file(path / "model.safetensors", device=map_location)
+    except Exception as exc:
+        raise ValueError(f"{str(path / 'model.safetensors')!r} is corrupt or truncated ({exc})") from None
 
 
 def warm_start_student(student: Any, path: str | Path) -> None:
@@ -340,10 +344,7 @@ def warm_start_student(student: Any, path: str | Path) -> None:
     if kind != getattr(student, "kind", kind):
         raise ConfigError(f"student.from_export: {str(path)!r} holds a {kind!r} student, the config builds a "
                           f"{student.kind!r} one")
-    try:
-        weights = load_file(path / "model.safetensors", device="cpu")
-    except Exception as exc:
-        raise ValueError(f"{str(path / 'model.safetensors')!r} is corrupt or truncated ({exc})") from None
+    weights = _export_weights(path)
     own = student.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     shapes = [k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape)]
