@@ -67,12 +67,11 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
         for j in range(len(levels) - 1):
             noise = batch.randn(*data_shape, dtype=dt).to(dev)
             if bool((k > j).any()):
-                if scale == 0.0:  # gamma = 1: jump to the data, re-noise to the next level
-                    renoised = student(x, sig[j].expand(n), zero, cond) + sig[j + 1] * noise
-                else:
-                    u, t = scale * float(sig[j + 1]), float(sig[j + 1])
-                    renoised = student(x, sig[j].expand(n), torch.full_like(zero, u), cond)
-                    if u < t:
-                        renoised = renoised + math.sqrt(t * t - u * u) * noise
+                # CTM gamma step: jump to u <= t, then fresh noise back up to t (gamma 1: u = 0, the full sqrt(t^2) = t)
+                t = float(sig[j + 1])
+                u = scale * t
+                renoised = student(x, sig[j].expand(n), torch.full_like(zero, u), cond)
+                if u < t:
+                    renoised = renoised + math.sqrt(t * t - u * u) * noise
                 x = torch.where(append_dims(k > j, x.ndim), renoised, x)
     return student(x, sig[k], zero, cond)
