@@ -195,11 +195,13 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
         wide_frac, wide_scale: the fraction of each batch whose noise is ``wide_scale`` times wider (off-marginal
             points, :mod:`losses.parts.sigmas`: both objectives are identities along the teacher's PF-ODE, valid at
             every point); 0 = off, not in the paper.
-        dm_weight, dm_levels, dm_start, critic_updates, fake_warmup, dm_sigma, fake_sigma, fake_init, dm_eps: the
-            distribution-matching regulariser (:mod:`losses.parts.dm_regulariser`; rCM's score-based stand-in for the
-            paper's adversarial fine-tuning): ``dm_weight`` times DMD's reverse-KL gradient on the student's own
-            ``len(dm_levels)``-step samples (drawn with ``sampling_gamma``), a fake score trained in a ``"critic"``
-            phase; ``dm_weight = 0`` (the default) is the plain AYF objective with one phase.
+        dm_weight, dm_levels, dm_start, critic_updates, fake_warmup, dm_sigma, fake_sigma, fake_init, dm_eps,
+        dm_divergence, dm_distance, dm_huber_c, dm_t_min, dm_t_max: the distribution-matching regulariser
+            (:mod:`losses.parts.dm_regulariser`; rCM's score-based stand-in for the paper's adversarial fine-tuning):
+            ``dm_weight`` times DMD's reverse-KL gradient (``dm_divergence="reverse_kl"``) or SIM's score-divergence
+            gradient (``"sim"``) on the student's own ``len(dm_levels)``-step samples (drawn with
+            ``sampling_gamma``), a fake score trained in a ``"critic"`` phase; ``dm_weight = 0`` (the default) is the
+            plain AYF objective with one phase.
     """
 
     phases = ("student",)
@@ -234,6 +236,11 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
         fake_sigma: str = "lognormal",
         fake_init: str = "teacher",
         dm_eps: float = 1e-5,
+        dm_divergence: str = "reverse_kl",
+        dm_distance: str = "pseudo_huber",
+        dm_huber_c: float = 0.3,
+        dm_t_min: float = 0.02,
+        dm_t_max: float = 0.98,
     ) -> None:
         super().__init__()
         check_wide("ayf", wide_frac, wide_scale)
@@ -273,7 +280,8 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
         self.sigma_max: float | None = None
         self.init_dm("ayf", weight=dm_weight, levels=dm_levels, start=dm_start, critic_updates=critic_updates,
                      fake_warmup=fake_warmup, dm_sigma=dm_sigma, fake_sigma=fake_sigma, fake_init=fake_init,
-                     eps=dm_eps)
+                     eps=dm_eps, divergence=dm_divergence, distance=dm_distance, huber_c=dm_huber_c, t_min=dm_t_min,
+                     t_max=dm_t_max)
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

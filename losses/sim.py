@@ -32,40 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.core.conversions import append_dims
 from distill.core.registry import ConfigError
 
 from . import parts, register_loss
 from .base import NONFINITE_ROWS, Batch, DistillLoss, StepContext
 from .parts import regression as reg
-from .parts.input_grad import fake_denoise_with_input_grad
+from .parts.score_implicit import distance_grad, sim_rows, sum_dims
 
 __all__ = ["SIM", "DISTANCES", "distance_grad", "sim_rows"]
 
-DISTANCES = ("l2", "pseudo_huber")
-
-
-def _sum_dims(x: Tensor) -> Tensor:
-    """``[B, ...] -> [B]``."""
-    return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
-def distance_grad(delta: Tensor, distance: str, c: float) -> Tensor:
-    """``d'(Delta)`` per sample, ``[B, ...] -> [B, ...]``: ``2 Delta`` (``l2``) or ``Delta / sqrt(||Delta||^2 + c^2)``
-    (``pseudo_huber``, SIM §3.3; the norm is over all of a sample's dims)."""
-    if distance == "l2":
-        return 2.0 * delta
-    norm = (_sum_dims(delta**2) + c * c).sqrt()
-    return delta / append_dims(norm, delta.ndim)
-
-
-def sim_rows(x0: Tensor, d_real: Tensor, d_fake: Tensor, distance: str, c: float) -> Tensor:
-    """SIM's per-sample loss ``-d'(D_fake - D_real)^T (D_fake - x_0)`` (Theorem 3.1 in x0 units), ``[B]``.
-
-    Args: ``x0: [B, ...]`` generator samples; ``d_real, d_fake: [B, ...]`` teacher and fake denoisers at
-    ``x_t = x0 + sigma n``. All three carry the gradients the caller wants (SIM differentiates through all of them).
-    """
-    return -_sum_dims(distance_grad(d_fake - d_real, distance, c) * (d_fake - x0))
+DISTANCES = parts.SIM_DISTANCES
 
 
 @register_loss("sim")
@@ -162,25 +138,16 @@ class SIM(reg.RegressionWarmStart, DistillLoss):
 
     def sample_grad(self, x0: Tensor, teacher: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """SIM's per-sample loss and its gradient with respect to the sample, ``(rows [B], g [B, ...], bad [B],
-        gap [B])``, from ``x0: [B, ...]`` (detached); rows with a NaN/Inf are zeroed in all four and flagged."""
-        x0 = x0.detach().requires_grad_(True)
-        sigma, cond = self._sim_sigma(batch, x0), batch.labels
-        x_t = x0 + append_dims(sigma, x0.ndim) * batch.randn_like(x0)
-        with torch.enable_grad(), parts.no_param_grad(self.fake):  # first-order VJPs through the frozen nets
-            d_real = teacher(x_t, sigma, cond, self.guidance).to(x0.dtype)
-            d_fake = fake_denoise_with_input_grad(self.fake, x_t, sigma, cond, d_real).to(x0.dtype)
-            rows = sim_rows(x0, d_real, d_fake, self.distance, self.huber_c)
-            (g,) = torch.autograd.grad(rows.sum(), x0)  # row b of g is d rows[b] / d x0[b]
-        gap = _sum_dims((d_fake - d_real).detach() ** 2).sqrt()
-        bad = ~(torch.isfinite(rows.detach()) & torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(gap))
-        zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
-        return (torch.where(bad, zero, rows.detach()), torch.where(append_dims(bad, g.ndim), zero, g), bad,
-                torch.where(bad, zero, gap))
+        gap [B])``, from ``x0: [B, ...]`` (detached): :func:`losses.parts.sim_sample_grad` at a level drawn from
+        ``sim_sigma``; rows with a NaN/Inf are zeroed in all four and flagged."""
+        sigma = self._sim_sigma(batch, x0)
+        return parts.sim_sample_grad(x0, sigma, batch.randn_like(x0), teacher, self.fake, batch.labels,
+                                     self.guidance, self.distance, self.huber_c)
 
     def _student(self, x: Tensor, teacher: nn.Module, batch: Batch) -> dict[str, Tensor]:
         rows, g, bad, gap = self.sample_grad(x, teacher, batch)
         # value: SIM's surrogate (bad rows zeroed); gradient w.r.t. the generator: g / B, i.e. that of mean_B l
-        loss = rows.mean() + _sum_dims((x - x.detach()) * g).mean()
+        loss = rows.mean() + sum_dims((x - x.detach()) * g).mean()
         return {"loss": loss, "sim_loss": rows.mean(), "score_gap": gap.mean(),
-                "sample_grad_norm": _sum_dims(g**2).sqrt().mean(), "sample_mean": x.detach().mean(),
+                "sample_grad_norm": sum_dims(g**2).sqrt().mean(), "sample_mean": x.detach().mean(),
                 "sample_std": x.detach().std(), NONFINITE_ROWS: bad.sum()}

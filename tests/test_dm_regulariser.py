@@ -6,7 +6,9 @@ q(sigma) = sqrt(S^2 + sigma^2):
   row, whatever its level; for an inexact map the deepest rows are the sampler's own chain;
 * with the fake equal to the teacher the term injects nothing and the student phase is the plain AYF loss, draw for
   draw; against a teacher N(M2, S^2), a one-step generator whose samples sit off M2 is pushed back (sign), and
-  gradient descent on the term alone reaches the shift whose samples have mean M2, in closed form;
+  gradient descent on the term alone reaches the shift whose samples have mean M2, in closed form; all three for
+  both divergences (DMD's reverse KL and SIM's score divergence, whose term is also checked against the ``sim``
+  loss's own sample gradient);
 * the schedule (host-only, fake warm-up, TTUR), the sampling plan's levels and the config errors; a ring run with the
   regulariser resumes bit for bit.
 """
@@ -22,6 +24,7 @@ from distill.core.registry import ConfigError
 from losses import build_loss
 from losses.base import NONFINITE_ROWS
 from losses.parts import generator_rollout
+from losses.parts.dm_regulariser import score_implicit_matching
 from students import FlowMapStudent
 from students.sampling import sample_student
 from teachers import GaussianMixtureTeacher
@@ -109,11 +112,16 @@ def test_deterministic_backward_simulation_is_the_samplers_chain():
         generator_rollout(inexact, b, ctx(dtype=DT), [SMAX], (1,), gamma=-0.5)
 
 
-def test_fake_equal_to_teacher_adds_nothing_to_the_ayf_step():
+DIVERGENCES = [{"dm_divergence": "reverse_kl"}, {"dm_divergence": "sim"},
+               {"dm_divergence": "sim", "dm_distance": "l2"}]
+
+
+@pytest.mark.parametrize("kw", DIVERGENCES)
+def test_fake_equal_to_teacher_adds_nothing_to_the_ayf_step(kw):
     st, te = ShiftedFlowMap(theta=0.9, shift=0.2), teacher()
     plain = build_loss("ayf", objective="lagrangian", warmup=0, units="ve")
     plain.setup(st, te, ctx(dtype=DT))
-    loss = dm_ayf()
+    loss = dm_ayf(**kw)
     loss.fake = GaussianFake(lambda: M, S)  # the fake score *is* the real one: the DMD gradient is zero
     data = M + S * torch.randn(256, 1, dtype=DT, generator=torch.Generator().manual_seed(0))
     ref = plain("student", st, te, batch(data, seed=4), ctx(5, dtype=DT))
@@ -132,28 +140,49 @@ M2 = M + 0.25
 SHIFT_STAR = (M2 - ONE_STEP_MEAN) * (1 + SMAX) / SMAX
 
 
-def _one_step_setup(shift: float):
+def _one_step_setup(shift: float, **kw):
     st = ShiftedFlowMap(shift=shift)
     te = GaussianMixtureTeacher(torch.full((1, 1), M2, dtype=DT), S)
-    loss = dm_ayf(dm_levels=[SMAX])  # a one-step generator: its samples are N(ONE_STEP_MEAN + shift 80/81, .)
+    loss = dm_ayf(dm_levels=[SMAX], **kw)  # a one-step generator: its samples are N(ONE_STEP_MEAN + shift 80/81, .)
     loss.fake = GaussianFake(lambda: ONE_STEP_MEAN + float(st.shift) * SMAX / (1 + SMAX), ONE_STEP_STD)
     return st, te, loss
 
 
+@pytest.mark.parametrize("kw", DIVERGENCES)
 @pytest.mark.parametrize("shift, sign", [(SHIFT_STAR + 0.4, 1), (SHIFT_STAR - 0.4, -1)])
-def test_dm_term_pushes_an_off_mean_generator_back(shift, sign):
-    st, te, loss = _one_step_setup(shift)
+def test_dm_term_pushes_an_off_mean_generator_back(shift, sign, kw):
+    st, te, loss = _one_step_setup(shift, **kw)
     out = {}
     term = loss.dm_term(st, te, batch(size=20000, seed=1, dtype=DT), ctx(0, dtype=DT), out)
     (g,) = torch.autograd.grad(term, st.shift)
     assert sign * float(g) > 0 and float(out["dm_grad_norm"]) > 0
 
 
-def test_dm_term_alone_reaches_the_mean_matching_shift():
-    st, te, loss = _one_step_setup(0.0)
+@pytest.mark.parametrize("kw", DIVERGENCES)
+def test_dm_term_alone_reaches_the_mean_matching_shift(kw):
+    st, te, loss = _one_step_setup(0.0, **kw)
     fit(lambda i: loss.dm_term(st, te, batch(size=2048, seed=i, dtype=DT), ctx(i, dtype=DT), {}), [st.shift],
         300, 2e-2)
     assert SHIFT_STAR > 0.25 and float(st.shift.detach()) == pytest.approx(SHIFT_STAR, abs=1e-2)
+
+
+def test_sim_divergence_is_the_sim_losss_sample_gradient():
+    """``dm_divergence="sim"`` injects exactly the ``sim`` loss's per-sample gradient (same levels, same draws)."""
+    te = GaussianMixtureTeacher(torch.full((1, 1), M2, dtype=DT), S)
+    fake = GaussianFake(lambda: M, 0.8)
+    sim = build_loss("sim", huber_c=0.3, t_min=0.2, t_max=1.0, fake_init="fresh")
+    sim.setup(ShiftedFlowMap(), te, ctx(dtype=DT))
+    sim.fake = fake
+    loss = dm_ayf(dm_levels=[SMAX], dm_divergence="sim", dm_huber_c=0.3, dm_t_min=0.2, dm_t_max=1.0)
+    x0 = M + 0.9 * torch.randn(64, 1, dtype=DT, generator=torch.Generator().manual_seed(5))
+    rows, g, bad, _ = sim.sample_grad(x0, te, batch(size=64, seed=9, dtype=DT))
+    x = x0.clone().requires_grad_(True)
+    b = batch(size=64, seed=9, dtype=DT)
+    value, terms = score_implicit_matching(x, loss._dm_sampler(b, x), te, fake, b, 1.0, "pseudo_huber", 0.3)
+    (gx,) = torch.autograd.grad(value, x)
+    assert not bad.any() and float(g.abs().max()) > 1e-3
+    torch.testing.assert_close(gx * 64, g)
+    torch.testing.assert_close(terms["dm_loss"], rows.mean())
 
 
 def test_schedule_plan_and_phases():
@@ -175,6 +204,10 @@ def test_schedule_plan_and_phases():
     ({"dm_weight": 1.0, "dm_levels": [80.0], "dm_sigma": "uniform"}, "sigma density"),
     ({"dm_weight": 1.0, "dm_levels": [80.0], "fake_init": "copy"}, "fake_init"),
     ({"dm_start": -2}, "dm_start"),
+    ({"dm_divergence": "kl"}, "dm_divergence"),
+    ({"dm_distance": "l1"}, "dm_distance"),
+    ({"dm_huber_c": 0.0}, "dm_huber_c"),
+    ({"dm_t_min": 0.5, "dm_t_max": 0.4}, "dm_t_min"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

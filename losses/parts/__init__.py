@@ -5,6 +5,7 @@ inherited. Not losses themselves: ``losses._import_all`` skips this package.
 * :mod:`.fake_score` - the fake score network (teacher copy / fresh MLP / residual) and its DSM critic loss;
 * :mod:`.gan` - the GAN head on a feature tap of the fake score, non-saturating losses, ``no_param_grad``;
 * :mod:`.dm_regulariser` - DMD's generator term and a mixin adding it (with its critic) to trajectory losses;
+* :mod:`.score_implicit` - SIM's score-divergence gradient of a generator sample (SIM and the regulariser);
 * :mod:`.rollout` - one-step generation and multi-step backward simulation, drawn through the batch;
 * :mod:`.jvp` - directional derivatives (forward-mode JVP or central difference) and forked dropout RNG;
 * :mod:`.sigmas` - training noise-level densities (DMD2's index grid, EDM's log-normal), drawn through the batch,
@@ -34,9 +35,14 @@ from .gan import (
 )
 from .jvp import JVP_METHODS, check_jvp_method, jvp, same_randomness
 from .rollout import check_levels, generator_rollout
+from .score_implicit import SIM_DISTANCES, distance_grad, sim_rows, sim_sample_grad
 from .sigmas import SIGMA_DENSITIES, SigmaSampler, check_sigma_config, check_wide, widen_noise
 
 __all__ = [
+    "SIM_DISTANCES",
+    "distance_grad",
+    "sim_rows",
+    "sim_sample_grad",
     "DistributionMatchingRegulariser",
     "distribution_matching",
     "JVP_METHODS",

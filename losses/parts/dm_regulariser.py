@@ -32,9 +32,12 @@ from ..base import NONFINITE_ROWS, Batch, StepContext
 from .fake_score import build_fake_score, check_fake_config, check_single_guidance, fake_dsm_loss
 from .functional import dmd_gradient, gradient_injection_loss
 from .rollout import check_levels, generator_rollout
+from .score_implicit import SIM_DISTANCES, sim_sample_grad, sum_dims
 from .sigmas import SigmaSampler, check_sigma_config
 
-__all__ = ["DistributionMatchingRegulariser", "distribution_matching"]
+__all__ = ["DM_DIVERGENCES", "DistributionMatchingRegulariser", "distribution_matching", "score_implicit_matching"]
+
+DM_DIVERGENCES = ("reverse_kl", "sim")
 
 
 def distribution_matching(x: Tensor, sigma: Tensor, teacher: nn.Module, fake: nn.Module, batch: Batch,
@@ -54,6 +57,20 @@ def distribution_matching(x: Tensor, sigma: Tensor, teacher: nn.Module, fake: nn
                 "sample_mean": xd.mean(), "sample_std": xd.std(), NONFINITE_ROWS: bad.sum()}
 
 
+def score_implicit_matching(x: Tensor, sigma: Tensor, teacher: nn.Module, fake: nn.Module, batch: Batch,
+                            guidance: float = 1.0, distance: str = "pseudo_huber", c: float = 0.3
+                            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """SIM's generator term (:func:`.sim_sample_grad`, arXiv:2410.16794) on samples ``x: [B, ...]`` (with grad)
+    noised to ``sigma: [B]`` by one batch draw: the per-sample gradient ``dl/dx`` is injected into ``x`` with SIM's
+    own scale (gradient of ``mean_B l``). Returns ``(loss, terms)`` like :func:`distribution_matching`."""
+    rows, g, bad, gap = sim_sample_grad(x, sigma, batch.randn_like(x), teacher, fake, batch.labels, guidance,
+                                        distance, c)
+    loss = rows.mean() + sum_dims((x - x.detach()) * g).mean()
+    xd = x.detach()
+    return loss, {"dm_loss": rows.mean(), "dm_grad_norm": sum_dims(g**2).sqrt().mean(), "score_gap": gap.mean(),
+                  "sample_mean": xd.mean(), "sample_std": xd.std(), NONFINITE_ROWS: bad.sum()}
+
+
 class DistributionMatchingRegulariser:
     """Mixin for a flow-map loss (phases ``("student",)`` of its own): :meth:`init_dm` in ``__init__`` (which adds
     the ``"critic"`` phase when ``dm_weight > 0``), :meth:`setup_dm` in ``setup``, :meth:`dm_critic` for the critic
@@ -61,6 +78,9 @@ class DistributionMatchingRegulariser:
 
     Keys (the host loss's ``dm_*`` constructor arguments): ``dm_weight`` (0 = off), ``dm_levels`` (the generator's
     descending start levels, e.g. ``[80, 0.8]`` for a 2-step student; also its sampling levels at that NFE),
+    ``dm_divergence`` (``"reverse_kl"``: DMD's normalised gradient, :func:`distribution_matching`; ``"sim"``: SIM's
+    score-divergence gradient, :func:`score_implicit_matching`, with ``dm_distance`` / ``dm_huber_c``),
+    ``dm_t_min`` / ``dm_t_max`` (the ``"grid"`` densities' index range, as fractions from the ``sigma_max`` end),
     ``dm_start`` (host-only iterations first), ``critic_updates`` (TTUR), ``fake_warmup``, ``dm_sigma`` /
     ``fake_sigma`` (:class:`.SigmaSampler` densities, DMD2's grid over ``[0.02, 0.98]`` of 1000 Karras levels or EDM's
     log-normal), ``fake_init`` (:func:`.build_fake_score`), ``dm_eps`` (the normaliser's floor).
@@ -69,7 +89,9 @@ class DistributionMatchingRegulariser:
     dm_weight: float = 0.0
 
     def init_dm(self, owner: str, *, weight: float, levels: Sequence[float] | None, start: int, critic_updates: int,
-                fake_warmup: int, dm_sigma: str, fake_sigma: str, fake_init: str, eps: float) -> None:
+                fake_warmup: int, dm_sigma: str, fake_sigma: str, fake_init: str, eps: float,
+                divergence: str = "reverse_kl", distance: str = "pseudo_huber", huber_c: float = 0.3,
+                t_min: float = 0.02, t_max: float = 0.98) -> None:
         if not weight >= 0:
             raise ConfigError(f"{owner}: dm_weight must be >= 0 (0 = no distribution-matching term), got {weight}")
         for key, value in (("dm_start", start), ("fake_warmup", fake_warmup)):
@@ -77,7 +99,16 @@ class DistributionMatchingRegulariser:
                 raise ConfigError(f"{owner}: {key} must be an integer >= 0 (iterations), got {value!r}")
         if int(critic_updates) != critic_updates or critic_updates < 1:
             raise ConfigError(f"{owner}: critic_updates must be an integer >= 1, got {critic_updates!r}")
-        check_sigma_config(owner, {"dm_sigma": dm_sigma, "fake_sigma": fake_sigma}, 0.02, 0.98, 1000, 1.2)
+        for key, value, valid in (("dm_divergence", divergence, DM_DIVERGENCES),
+                                  ("dm_distance", distance, SIM_DISTANCES)):
+            if value not in valid:
+                raise ConfigError(f"{owner}: unknown {key} {value!r}; valid: {', '.join(valid)}")
+        if not huber_c > 0:
+            raise ConfigError(f"{owner}: dm_huber_c must be > 0, got {huber_c}")
+        try:
+            check_sigma_config(owner, {"dm_sigma": dm_sigma, "fake_sigma": fake_sigma}, t_min, t_max, 1000, 1.2)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("t_min", "dm_t_min").replace("t_max", "dm_t_max")) from None
         check_fake_config(owner, fake_init, 256, 4)
         if not eps > 0:
             raise ConfigError(f"{owner}: dm_eps must be > 0, got {eps}")
@@ -88,6 +119,8 @@ class DistributionMatchingRegulariser:
         self.dm_weight, self.dm_levels = float(weight), check_levels(owner, levels)
         self.dm_start, self.critic_updates, self.fake_warmup = int(start), int(critic_updates), int(fake_warmup)
         self.dm_sigma, self.fake_sigma, self.fake_init, self.dm_eps = dm_sigma, fake_sigma, fake_init, float(eps)
+        self.dm_divergence, self.dm_distance, self.dm_huber_c = divergence, distance, float(huber_c)
+        self._dm_range = {"t_min": float(t_min), "t_max": float(t_max)}
         if self.dm_weight > 0:
             self.phases = ("critic", "student")
 
@@ -111,8 +144,8 @@ class DistributionMatchingRegulariser:
         guidance = float(getattr(self, "guidance", 1.0))
         self.fake = build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, guidance=guidance,
                                      owner=self._dm_owner)
-        self._dm_sampler = SigmaSampler(self.dm_sigma, teacher.sigma_min, teacher.sigma_max)
-        self._fake_sampler = SigmaSampler(self.fake_sigma, teacher.sigma_min, teacher.sigma_max)
+        self._dm_sampler = SigmaSampler(self.dm_sigma, teacher.sigma_min, teacher.sigma_max, **self._dm_range)
+        self._fake_sampler = SigmaSampler(self.fake_sigma, teacher.sigma_min, teacher.sigma_max, **self._dm_range)
 
     def dm_levels_plan(self) -> dict[int, tuple[float, ...]]:
         """``{len(dm_levels): dm_levels}`` for the sampling plan (empty when off)."""
@@ -134,13 +167,17 @@ class DistributionMatchingRegulariser:
 
     def dm_term(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext,
                 out: dict[str, Tensor]) -> Tensor | float:
-        """``dm_weight`` times DMD's generator term on a backward-simulated sample (0 before ``dm_start`` and when
-        off); its logged terms go into ``out`` (the non-finite row counts add up)."""
+        """``dm_weight`` times the generator term (DMD's or SIM's, ``dm_divergence``) on a backward-simulated sample
+        (0 before ``dm_start`` and when off); its logged terms go into ``out`` (the non-finite row counts add up)."""
         if self.dm_weight <= 0 or ctx.iteration < self.dm_start:
             return 0.0
         x = self._dm_generate(student, teacher, batch, ctx)
-        loss, terms = distribution_matching(x, self._dm_sampler(batch, x), teacher, self.fake, batch,
-                                            float(getattr(self, "guidance", 1.0)), self.dm_eps)
+        sigma, guidance = self._dm_sampler(batch, x), float(getattr(self, "guidance", 1.0))
+        if self.dm_divergence == "sim":
+            loss, terms = score_implicit_matching(x, sigma, teacher, self.fake, batch, guidance, self.dm_distance,
+                                                  self.dm_huber_c)
+        else:
+            loss, terms = distribution_matching(x, sigma, teacher, self.fake, batch, guidance, self.dm_eps)
         rows = terms.pop(NONFINITE_ROWS)
         out[NONFINITE_ROWS] = out[NONFINITE_ROWS] + rows.to(out[NONFINITE_ROWS]) if NONFINITE_ROWS in out else rows
         out.update(terms)
