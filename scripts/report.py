@@ -214,9 +214,11 @@ def results(root: Path) -> str:
     notes = []
     # suites that re-run a config another suite has (more seeds, longer runs) are labelled with their name
     again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds",
-             "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_dm": "fine-tune of digits_ayf_init"}
+             "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_dm": "fine-tune of digits_ayf_init",
+             "digits_ayf_sim": "fine-tune of digits_ayf_init"}
     for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont",
-                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "ring", "ring_score", "ring_traj",
+                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim", "ring", "ring_score",
+                 "ring_traj",
                  "ring_cont", "ring_scm_seeds"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
@@ -453,9 +455,10 @@ def bars(root: Path) -> str:
     out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
     out += _all_seeds_bar(root, "ring_scm", ("ring_cont", "ring_scm_seeds"))
     out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
-    for suite_name in ("digits_cont_long", "digits_ayf_init", "digits_ayf_dm"):
+    for suite_name in ("digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim"):
         out += _digits_cont_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     for suite_name in ("ring_cont", "ring_jvp", "digits_cont", "digits_cont_long", "digits_ayf_init", "digits_ayf_dm",
+                       "digits_ayf_sim",
                        "ring_scm_seeds"):
         out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
     out += _issue13_bars(root)
@@ -896,7 +899,30 @@ def jumps(prefix: str) -> Callable[[Path], str]:
     return render
 
 
+def gamma_sweeps(rel: str) -> Callable[[Path], str]:
+    """A merged record of ``scripts/sweep_student_sampling.py`` runs on several exports: one row per export and
+    (2-NFE mid level, gamma), mean and per-seed FIDs on the held-out seeds."""
+
+    def render(root: Path) -> str:
+        rec = _load(rel, root)
+        if not rec:
+            return f"_No record yet (`{rel}`)._"
+        out = ["| student | 2-NFE mid level | gamma | FID mean | per sampling seed |", "|---|---|---|---|---|"]
+        seeds = set()
+        for e in rec["exports"]:
+            for r in sorted(e["rows"], key=lambda r: (-r["floor"], r["gamma"])):
+                seeds.update(r["seeds"])
+                out.append(f"| {e['model']} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
+                           f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |")
+        out.append(f"\n_Record `{rel}` ({rec['script']}; {rec['note']}): 2-NFE digits-classifier FID, sampling seeds "
+                   f"{sorted(seeds)}._")
+        return "\n".join(out)
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "gamma-ayf_dm": gamma_sweeps("docs/bench/sweeps/ayf_dm_probe_gamma_sweeps.json"),
     "main-job": main_job,
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
     "sweep-ring_meanflow": sweep("ring_cont_meanflow_"),
@@ -947,6 +973,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "suite-digits_ayf_init": suite("digits_ayf_init"),
     "suite-digits_ayf_dm": suite("digits_ayf_dm"),
     "curve-digits_ayf_dm": curve("digits_ayf_dm"),
+    "suite-digits_ayf_sim": suite("digits_ayf_sim"),
+    "curve-digits_ayf_sim": curve("digits_ayf_sim"),
     "curve-digits_traj": curve("digits_traj"),
     "suite-ring_cont": suite("ring_cont"),
     "modes-ring_cont": modes("ring_cont"),
