@@ -88,9 +88,10 @@ def test_warm_start_from_an_export_loads_its_weights_and_refuses_misfits(tmp_pat
 
 
 
-def test_config_from_export_starts_the_run_from_the_exported_weights(tmp_path):
-    """``student.from_export`` in a shipped config (configs/digits_ayf_dm.yaml): the built student carries the export's
-    weights, not the teacher copy's."""
+@pytest.mark.parametrize("name, divergence", [("digits_ayf_dm", "reverse_kl"), ("digits_ayf_sim", "sim")])
+def test_config_from_export_starts_the_run_from_the_exported_weights(tmp_path, name, divergence):
+    """``student.from_export`` in the shipped fine-tune configs: the built student carries the export's weights, not
+    the teacher copy's."""
     from pathlib import Path
 
     from distill.config import load_config
@@ -102,8 +103,8 @@ def test_config_from_export_starts_the_run_from_the_exported_weights(tmp_path):
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
     _write_export(trained, tmp_path / "ayf")
-    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "digits_ayf_dm.yaml"
+    cfg_path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     _, student, loss = build_components(load_config(cfg_path, [f"student.from_export={tmp_path / 'ayf'}"]))
-    assert loss.phases == ("critic", "student") and loss.dm_weight > 0
+    assert loss.phases == ("critic", "student") and loss.dm_weight > 0 and loss.dm_divergence == divergence
     for (k, a), b in zip(trained.state_dict().items(), student.state_dict().values()):
         assert torch.equal(a, b), k
