@@ -32,6 +32,7 @@ from distill.reporting import (  # noqa: E402
     solver_markdown,
     student_summary,
     suite_markdown,
+    summarise,
     teacher_summary,
 )
 
@@ -461,6 +462,12 @@ def bars(root: Path) -> str:
                        "digits_ayf_sim",
                        "ring_scm_seeds"):
         out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
+    rec = _load(Path("docs/bench/sweeps/digits_ayf_sim_heldout.json"), root)
+    if rec:
+        (m, sd, _), (ref, ref_sd, _) = _heldout_cells(rec, 0.9)
+        out.append(f"| digits_ayf_sim re-scored on fresh sampling seeds 20-25: 2-NFE at the teacher's Heun-35 within "
+                   f"the seed spread (same statistic) | {fmt(m, sd)} vs {fmt(ref, ref_sd)} | "
+                   f"{'yes' if m - sd <= ref + ref_sd else 'no'} |")
     out += _issue13_bars(root)
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
@@ -921,7 +928,41 @@ def gamma_sweeps(rel: str) -> Callable[[Path], str]:
     return render
 
 
+def _heldout_cells(rec: dict[str, Any], gamma: float) -> tuple[Any, Any]:
+    """(student cell at ``gamma``, teacher cell) of a held-out re-check record, with the suites' statistics
+    (:func:`distill.reporting.summarise`: sd over training-seed means, or over sampling seeds for one run)."""
+    per_seed = {i: r["scores"] for i, e in enumerate(rec["students"]) for r in e["rows"] if r["gamma"] == gamma}
+    return summarise(per_seed), summarise({0: [r["score"] for r in rec["teacher"]["rows"]]})
+
+
+def heldout(rel: str, gamma: float) -> Callable[[Path], str]:
+    """A suite's final students re-scored on sampling seeds nothing else used, next to the teacher on those seeds."""
+
+    def render(root: Path) -> str:
+        rec = _load(rel, root)
+        if not rec:
+            return f"_No record yet (`{rel}`)._"
+        t = rec["teacher"]
+        out = ["| model | 2-NFE mid level | gamma | FID mean | per sampling seed |", "|---|---|---|---|---|"]
+        for e in rec["students"]:
+            for r in e["rows"]:
+                out.append(f"| {e['model']} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
+                           f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |")
+        scores = [r["score"] for r in t["rows"]]
+        out.append(f"| teacher {t['sampler']}/{t['grid']} @ {t['nfe']} NFE | – | – | {statistics.mean(scores):.3g} | "
+                   f"{' / '.join(f'{x:.3g}' for x in scores)} |")
+        st, te = _heldout_cells(rec, gamma)
+        out.append(f"\nAt gamma {gamma:g} (the config's): students {fmt(st[0], st[1])} ({st[2]}) vs teacher "
+                   f"{fmt(te[0], te[1])} ({te[2]}).")
+        out.append(f"\n_Record `{rel}` ({rec['script']}; {rec['note']}): 2-NFE digits-classifier FID, seeds "
+                   f"{[r['seed'] for r in t['rows']]}._")
+        return "\n".join(out)
+
+    return render
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "heldout-digits_ayf_sim": heldout("docs/bench/sweeps/digits_ayf_sim_heldout.json", 0.9),
     "gamma-ayf_dm": gamma_sweeps("docs/bench/sweeps/ayf_dm_probe_gamma_sweeps.json"),
     "main-job": main_job,
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
