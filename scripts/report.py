@@ -906,6 +906,16 @@ def jumps(prefix: str) -> Callable[[Path], str]:
     return render
 
 
+SWEEP_HEAD = ["| student | 2-NFE mid level | gamma | FID mean | per sampling seed |", "|---|---|---|---|---|"]
+
+
+def _sweep_rows(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Table rows of one export's ``scripts/sweep_student_sampling.py`` rows, by mid level (descending) then gamma."""
+    return [f"| {model} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
+            f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |"
+            for r in sorted(rows, key=lambda r: (-r["floor"], r["gamma"]))]
+
+
 def gamma_sweeps(rel: str) -> Callable[[Path], str]:
     """A merged record of ``scripts/sweep_student_sampling.py`` runs on several exports: one row per export and
     (2-NFE mid level, gamma), mean and per-seed FIDs on the held-out seeds."""
@@ -914,13 +924,10 @@ def gamma_sweeps(rel: str) -> Callable[[Path], str]:
         rec = _load(rel, root)
         if not rec:
             return f"_No record yet (`{rel}`)._"
-        out = ["| student | 2-NFE mid level | gamma | FID mean | per sampling seed |", "|---|---|---|---|---|"]
-        seeds = set()
+        out, seeds = list(SWEEP_HEAD), set()
         for e in rec["exports"]:
-            for r in sorted(e["rows"], key=lambda r: (-r["floor"], r["gamma"])):
-                seeds.update(r["seeds"])
-                out.append(f"| {e['model']} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
-                           f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |")
+            seeds.update(x for r in e["rows"] for x in r["seeds"])
+            out += _sweep_rows(e["model"], e["rows"])
         out.append(f"\n_Record `{rel}` ({rec['script']}; {rec['note']}): 2-NFE digits-classifier FID, sampling seeds "
                    f"{sorted(seeds)}._")
         return "\n".join(out)
@@ -943,11 +950,9 @@ def heldout(rel: str, gamma: float) -> Callable[[Path], str]:
         if not rec:
             return f"_No record yet (`{rel}`)._"
         t = rec["teacher"]
-        out = ["| model | 2-NFE mid level | gamma | FID mean | per sampling seed |", "|---|---|---|---|---|"]
+        out = [SWEEP_HEAD[0].replace("student", "model", 1), SWEEP_HEAD[1]]
         for e in rec["students"]:
-            for r in e["rows"]:
-                out.append(f"| {e['model']} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
-                           f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |")
+            out += _sweep_rows(e["model"], e["rows"])
         scores = [r["score"] for r in t["rows"]]
         out.append(f"| teacher {t['sampler']}/{t['grid']} @ {t['nfe']} NFE | – | – | {statistics.mean(scores):.3g} | "
                    f"{' / '.join(f'{x:.3g}' for x in scores)} |")
