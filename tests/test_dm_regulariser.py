@@ -185,6 +185,36 @@ def test_sim_divergence_is_the_sim_losss_sample_gradient():
     torch.testing.assert_close(terms["dm_loss"], rows.mean())
 
 
+def test_gan_head_on_the_regulariser_fake_score():
+    """``dm_gan_weight``: DMD2's GAN head on the (fresh MLP) fake score's last hidden layer is a critic-phase group of
+    its own; the critic loss is DSM + ``dm_gan_critic_weight`` x classifier on noised real vs generated samples, the
+    student loss adds ``dm_gan_weight`` x the non-saturating term, whose gradient reaches the student only."""
+    st, te = ShiftedFlowMap(theta=0.9, shift=0.2), teacher()
+    loss = dm_ayf(dm_gan_weight=0.3, dm_gan_critic_weight=0.05)
+    assert set(loss.phase_groups("critic", st)) == {"fake", "gan_head"}
+    assert set(loss.phase_groups("student", st)) == {"student"}
+    data = M + S * torch.randn(64, 1, dtype=DT, generator=torch.Generator().manual_seed(1))
+    out = loss("critic", st, te, batch(data, seed=2), ctx(5, dtype=DT))
+    torch.testing.assert_close(out["loss"].detach(), out["dsm"] + 0.05 * out["gan_d"])
+    assert 0 < float(out["d_real"]) < 1 and 0 < float(out["d_fake"]) < 1
+    out["loss"].backward()
+    assert all(p.grad is not None for p in loss.gan_head.parameters()) and st.theta.grad is None
+    loss.zero_grad(set_to_none=True)
+    plain = dm_ayf()
+    plain.fake.load_state_dict(loss.fake.state_dict())
+    out = loss("student", st, te, batch(data, seed=3), ctx(5, dtype=DT))
+    ref = plain("student", st, te, batch(data, seed=3), ctx(5, dtype=DT))  # the same draws before the GAN term
+    torch.testing.assert_close(out["loss"].detach(), ref["loss"].detach() + 0.3 * out["gan_g"])
+    (g_gan,) = torch.autograd.grad(out["loss"] - ref["loss"], st.shift)
+    assert float(g_gan.abs()) > 0
+    out = loss("student", st, te, batch(data, seed=3), ctx(5, dtype=DT))
+    out["loss"].backward()
+    assert all(p.grad is None for p in loss.parameters())
+    assert all(p.requires_grad for p in loss.fake.parameters())  # restored after the student phase
+    with pytest.raises(ValueError, match="real data"):
+        loss("critic", st, te, batch(size=64, seed=2, dtype=DT), ctx(5, dtype=DT))
+
+
 def test_schedule_plan_and_phases():
     assert build_loss("ayf").phases == ("student",)
     assert build_loss("ayf").phases_for_step(7) == ["student"]
@@ -208,6 +238,8 @@ def test_schedule_plan_and_phases():
     ({"dm_distance": "l1"}, "dm_distance"),
     ({"dm_huber_c": 0.0}, "dm_huber_c"),
     ({"dm_t_min": 0.5, "dm_t_max": 0.4}, "dm_t_min"),
+    ({"dm_weight": 1.0, "dm_levels": [80.0], "dm_gan_weight": -0.1}, "dm_gan_weight"),
+    ({"dm_gan_weight": 0.1}, "needs dm_weight"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

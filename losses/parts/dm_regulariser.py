@@ -31,6 +31,7 @@ from distill.core.registry import ConfigError
 from ..base import NONFINITE_ROWS, Batch, StepContext
 from .fake_score import build_fake_score, check_fake_config, check_single_guidance, fake_dsm_loss
 from .functional import dmd_gradient, gradient_injection_loss
+from .gan import build_gan_head, gan_critic_terms, gan_generator_loss, no_param_grad, noised_logits
 from .rollout import check_levels, generator_rollout
 from .score_implicit import SIM_DISTANCES, sim_sample_grad, sum_dims
 from .sigmas import SigmaSampler, check_sigma_config
@@ -83,7 +84,10 @@ class DistributionMatchingRegulariser:
     ``dm_t_min`` / ``dm_t_max`` (the ``"grid"`` densities' index range, as fractions from the ``sigma_max`` end),
     ``dm_start`` (host-only iterations first), ``critic_updates`` (TTUR), ``fake_warmup``, ``dm_sigma`` /
     ``fake_sigma`` (:class:`.SigmaSampler` densities, DMD2's grid over ``[0.02, 0.98]`` of 1000 Karras levels or EDM's
-    log-normal), ``fake_init`` (:func:`.build_fake_score`), ``dm_eps`` (the normaliser's floor).
+    log-normal), ``fake_init`` (:func:`.build_fake_score`), ``dm_eps`` (the normaliser's floor), ``dm_gan_weight`` /
+    ``dm_gan_critic_weight`` (DMD2's diffusion-GAN head on the fake score's features against the batch's real data,
+    :mod:`.gan`: the generator's non-saturating term on the same samples, the classifier in the critic phase; 0 =
+    off). With the GAN head the host loss's data must be the real data the student should match (``batch.data``).
     """
 
     dm_weight: float = 0.0
@@ -91,7 +95,8 @@ class DistributionMatchingRegulariser:
     def init_dm(self, owner: str, *, weight: float, levels: Sequence[float] | None, start: int, critic_updates: int,
                 fake_warmup: int, dm_sigma: str, fake_sigma: str, fake_init: str, eps: float,
                 divergence: str = "reverse_kl", distance: str = "pseudo_huber", huber_c: float = 0.3,
-                t_min: float = 0.02, t_max: float = 0.98) -> None:
+                t_min: float = 0.02, t_max: float = 0.98, gan_weight: float = 0.0,
+                gan_critic_weight: float = 1e-2) -> None:
         if not weight >= 0:
             raise ConfigError(f"{owner}: dm_weight must be >= 0 (0 = no distribution-matching term), got {weight}")
         for key, value in (("dm_start", start), ("fake_warmup", fake_warmup)):
@@ -105,6 +110,12 @@ class DistributionMatchingRegulariser:
                 raise ConfigError(f"{owner}: unknown {key} {value!r}; valid: {', '.join(valid)}")
         if not huber_c > 0:
             raise ConfigError(f"{owner}: dm_huber_c must be > 0, got {huber_c}")
+        if not (gan_weight >= 0 and gan_critic_weight >= 0):
+            raise ConfigError(f"{owner}: dm_gan_weight and dm_gan_critic_weight must be >= 0 (0 = no GAN head), got "
+                              f"{gan_weight} and {gan_critic_weight}")
+        if gan_weight > 0 and not weight > 0:
+            raise ConfigError(f"{owner}: dm_gan_weight > 0 needs dm_weight > 0 (the GAN head sits on the "
+                              "regulariser's fake score)")
         try:
             check_sigma_config(owner, {"dm_sigma": dm_sigma, "fake_sigma": fake_sigma}, t_min, t_max, 1000, 1.2)
         except ConfigError as e:
@@ -121,6 +132,8 @@ class DistributionMatchingRegulariser:
         self.dm_sigma, self.fake_sigma, self.fake_init, self.dm_eps = dm_sigma, fake_sigma, fake_init, float(eps)
         self.dm_divergence, self.dm_distance, self.dm_huber_c = divergence, distance, float(huber_c)
         self._dm_range = {"t_min": float(t_min), "t_max": float(t_max)}
+        self.dm_gan_weight, self.dm_gan_critic_weight = float(gan_weight), float(gan_critic_weight)
+        self.gan_head: nn.Module | None = None  # a critic-phase submodule (its own parameter group) when on
         if self.dm_weight > 0:
             self.phases = ("critic", "student")
 
@@ -138,12 +151,17 @@ class DistributionMatchingRegulariser:
         return ["critic", "student"] if k % self.critic_updates == 0 else ["critic"]
 
     def setup_dm(self, teacher: nn.Module, ctx: StepContext) -> None:
-        """Build the fake score (a trainable teacher copy by default) and the noise-level samplers."""
+        """Build the fake score (a trainable teacher copy by default), the GAN head on its features when
+        ``dm_gan_weight > 0``, and the noise-level samplers."""
         if self.dm_weight <= 0:
             return
         guidance = float(getattr(self, "guidance", 1.0))
         self.fake = build_fake_score(self.fake_init, teacher, ctx.device, ctx.dtype, guidance=guidance,
                                      owner=self._dm_owner)
+        if self.dm_gan_weight > 0:
+            self.gan_head, self._tap = build_gan_head(self.fake, teacher.data_shape,
+                                                      getattr(teacher, "num_classes", None), ctx.device, ctx.dtype,
+                                                      self._dm_owner)
         self._dm_sampler = SigmaSampler(self.dm_sigma, teacher.sigma_min, teacher.sigma_max, **self._dm_range)
         self._fake_sampler = SigmaSampler(self.fake_sigma, teacher.sigma_min, teacher.sigma_max, **self._dm_range)
 
@@ -157,18 +175,30 @@ class DistributionMatchingRegulariser:
 
     def dm_critic(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
                   ) -> dict[str, Tensor]:
-        """The critic phase: EDM-weighted x0 DSM of the fake score on detached generator samples."""
+        """The critic phase: EDM-weighted x0 DSM of the fake score on detached generator samples, plus
+        ``dm_gan_critic_weight`` times the GAN classifier (noised real ``batch.data`` vs noised generated samples)."""
         check_single_guidance(batch.labels)
         with torch.no_grad():
             x = self._dm_generate(student, teacher, batch, ctx)
         sigma = self._fake_sampler(batch, x)
         dsm = fake_dsm_loss(self.fake, x, sigma, batch.randn_like(x), batch.labels, float(teacher.sigma_data)).mean()
-        return {"loss": dsm, "dsm": dsm.detach()}
+        out = {"loss": dsm, "dsm": dsm.detach()}
+        if self.dm_gan_weight > 0:
+            gan_d, terms = gan_critic_terms(self._dm_owner, self._gan_logits, x, batch, ctx.device, ctx.dtype)
+            out["loss"] = dsm + self.dm_gan_critic_weight * gan_d
+            out.update(terms)
+        return out
+
+    def _gan_logits(self, x: Tensor, batch: Batch) -> Tensor:
+        """GAN logits ``[B]`` of ``x`` re-noised at a ``dm_sigma`` level (DMD2 §4.3)."""
+        return noised_logits(self.gan_head, self._tap, self.fake, x, self._dm_sampler(batch, x), batch)
 
     def dm_term(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext,
                 out: dict[str, Tensor]) -> Tensor | float:
-        """``dm_weight`` times the generator term (DMD's or SIM's, ``dm_divergence``) on a backward-simulated sample
-        (0 before ``dm_start`` and when off); its logged terms go into ``out`` (the non-finite row counts add up)."""
+        """``dm_weight`` times the generator term (DMD's or SIM's, ``dm_divergence``) on a backward-simulated sample,
+        plus ``dm_gan_weight`` times the non-saturating GAN term on the same sample through the frozen fake encoder and
+        head (0 before ``dm_start`` and when off); its logged terms go into ``out`` (the non-finite row counts add
+        up)."""
         if self.dm_weight <= 0 or ctx.iteration < self.dm_start:
             return 0.0
         x = self._dm_generate(student, teacher, batch, ctx)
@@ -181,4 +211,10 @@ class DistributionMatchingRegulariser:
         rows = terms.pop(NONFINITE_ROWS)
         out[NONFINITE_ROWS] = out[NONFINITE_ROWS] + rows.to(out[NONFINITE_ROWS]) if NONFINITE_ROWS in out else rows
         out.update(terms)
-        return self.dm_weight * loss
+        loss = self.dm_weight * loss
+        if self.dm_gan_weight > 0:
+            with no_param_grad(self.fake, self.gan_head):
+                gan_g = gan_generator_loss(self._gan_logits(x, batch)).mean()
+            out["gan_g"] = gan_g.detach()
+            loss = loss + self.dm_gan_weight * gan_g
+        return loss
