@@ -869,6 +869,39 @@ def probes(prefix: str, nfes: tuple[int, ...] = (1, 2, 4)) -> Callable[[Path], s
     return render
 
 
+CHAIN_ROWS = (("one_step", "1-NFE (first jump)"), ("chain", "2-NFE chain (its plan)"),
+              ("chain_fresh", "2-NFE chain, fresh noise at mid"),
+              ("teacher_second", "first jump, then the teacher's ODE from mid"),
+              ("student_on_data", "second jump on real data noised to mid"),
+              ("teacher_on_data", "teacher's ODE on real data noised to mid"), ("data", "real data resampled"))
+
+
+def chain_fid(prefix: str) -> Callable[[Path], str]:
+    """Where a 2-NFE flow map's FID is lost (``scripts/diag_chain_fid.py``): one column per student in the records
+    ``docs/bench/sweeps/<prefix>*.json``, one row per swap (mean over sampling seeds, with the per-seed scores)."""
+    def render(root: Path) -> str:
+        files = sorted((root / BENCH / "sweeps").glob(f"{prefix}*.json"))
+        if not files:
+            return _missing(BENCH / "sweeps" / f"{prefix}*.json", "python scripts/diag_chain_fid.py EXPORT --json F")
+        recs = [json.loads(f.read_text()) for f in files]
+        students = [s for r in recs for s in r["students"]]
+        names = [Path(s["export"]).parent.name + " training seed " + Path(s["export"]).name.lstrip("s")
+                 for s in students]
+        out = ["| FID of | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for key, label in CHAIN_ROWS:
+            cells = [f"{s['rows'][key]['mean']:.3g} ({' / '.join(f'{x:.3g}' for x in s['rows'][key]['scores'])})"
+                     for s in students]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        r0 = recs[0]
+        out += ["", f"_Records `docs/bench/sweeps/{prefix}*.json` (scripts/diag_chain_fid.py: {r0['n']} samples per "
+                f"sampling seed, seeds {r0['seeds']}, teacher Heun {r0['teacher_nfe']} NFE from mid; commit "
+                f"`{r0['environment'].get('git_commit', '?')[:12]}`, {r0['environment'].get('machine', '?')}). Each "
+                "cell: the mean, then the per-seed scores._"]
+        return "\n".join(out)
+
+    return render
+
+
 def jumps(prefix: str) -> Callable[[Path], str]:
     """Where a flow-map student's error comes from: one row per record ``docs/bench/sweeps/<prefix>*_jumps.json``
     (``scripts/diag_jumps.py``): the mean distance to the teacher's PF-ODE endpoint of the student's 1- and 2-NFE
@@ -974,6 +1007,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "sweep-ring_meanflow": sweep("ring_cont_meanflow_"),
     "probes-digits_cont": probes("digits_"),
     "probes-ayf_dm": probes("ayf_dm_probe_"),
+    "probes-ayf_gan": probes("ayf_gan_probe_", nfes=(2,)),
+    "chain-digits_ayf": chain_fid("chain_digits_ayf"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
     "probes-grid_cont": probes("grid_probe_", (1, 2, 4, 8)),

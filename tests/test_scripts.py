@@ -190,3 +190,53 @@ def test_suite_provenance_says_what_its_wall_clock_measured():
     assert provenance({**env, "wall_s": 590.8, "pass": "train"}, "x.json").endswith("590.8 s wall-clock._")
     assert "14.1 s wall-clock re-scoring finished runs (--reeval" in provenance({**env, "wall_s": 14.1,
                                                                                 "pass": "reeval"}, "x.json")
+
+
+def _digits_flowmap_export(folder: Path, gamma: float, noise: float = 0.0) -> Path:
+    """A flow-map student of the shipped digits teacher (teacher init, weights nudged by ``noise``) as an export."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from students import build_student
+    from teachers import build_teacher
+
+    student = build_student("flowmap", build_teacher({"name": "digits"}), init="teacher")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(noise * torch.randn_like(p))
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "student_config.json").write_text(json.dumps(student.config()))
+    (folder / "sampling.json").write_text(json.dumps({"plan": {"gamma": gamma, "levels": {"2": [80.0, 1.0]}}}))
+    return folder
+
+
+def test_diag_chain_fid_swaps_jumps_and_keeps_student_free_rows_fixed(tmp_path):
+    mod = _load("diag_chain_fid")
+    args = ["--n", "64", "--seeds", "0", "--teacher-nfe", "3", "--threads", "1"]
+    a = mod.main([str(_digits_flowmap_export(tmp_path / "a", gamma=1.0)), *args, "--json", str(tmp_path / "a.json")])
+    b = mod.main([str(_digits_flowmap_export(tmp_path / "b", gamma=0.0, noise=0.01)), *args])
+    ra, rb = a["students"][0]["rows"], b["students"][0]["rows"]
+    assert set(ra) == set(mod.ROWS) and all(math.isfinite(v["mean"]) for v in ra.values())
+    assert ra["chain"] == ra["chain_fresh"]  # the plan's gamma is 1: its chain already re-noises with fresh noise
+    assert rb["chain"] != rb["chain_fresh"]
+    for key in ("teacher_on_data", "data"):  # rows that never call the student
+        assert ra[key] == rb[key]
+    assert ra["student_on_data"] != rb["student_on_data"]
+    assert (tmp_path / "a.json").is_file()
+
+
+def test_probe_jump_regression_changes_nothing_at_zero_lr_and_writes_a_loadable_export(tmp_path):
+    from distill.export import load_exported
+
+    mod = _load("probe_jump_regression")
+    src = _digits_flowmap_export(tmp_path / "src", gamma=0.9)
+    args = [str(src), "--steps", "3", "--pool", "32", "--first-pairs", "8", "--mid-nfe", "3", "--n", "64", "--seeds",
+            "0", "--threads", "1", "--onpolicy", "0.5"]
+    still = mod.main([*args, "--lr", "0", "--first", "anchor"])
+    assert still["after"] == still["before"]
+    moved = mod.main([*args, "--lr", "1e-3", "--first", "ode", "--out", str(tmp_path / "out")])
+    assert moved["after"] != moved["before"] and len(moved["before"]["chain"]) == 1
+    load_exported(tmp_path / "out")
