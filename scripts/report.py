@@ -885,8 +885,7 @@ def chain_fid(prefix: str) -> Callable[[Path], str]:
             return _missing(BENCH / "sweeps" / f"{prefix}*.json", "python scripts/diag_chain_fid.py EXPORT --json F")
         recs = [json.loads(f.read_text()) for f in files]
         students = [s for r in recs for s in r["students"]]
-        names = [Path(s["export"]).parent.name + " training seed " + Path(s["export"]).name.lstrip("s")
-                 for s in students]
+        names = [f"`{Path(s['export']).parent.name}/{Path(s['export']).name}`" for s in students]
         out = ["| FID of | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for key, label in CHAIN_ROWS:
             cells = [f"{s['rows'][key]['mean']:.3g} ({' / '.join(f'{x:.3g}' for x in s['rows'][key]['scores'])})"
@@ -1008,6 +1007,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "probes-digits_cont": probes("digits_"),
     "probes-ayf_dm": probes("ayf_dm_probe_"),
     "probes-ayf_gan": probes("ayf_gan_probe_", nfes=(2,)),
+    "probes-ayf_first_jump": probes("ayf_first_jump_probe_"),
+    "chain-ayf_first_jump": chain_fid("chain_ayf_first_jump"),
     "chain-digits_ayf": chain_fid("chain_digits_ayf"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
