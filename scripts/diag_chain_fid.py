@@ -60,6 +60,13 @@ def jump(student, x: torch.Tensor, sigma: float, chunk: int = 1000) -> torch.Ten
     return torch.cat(outs)
 
 
+def write_record(path: Path | None, record: dict) -> None:
+    """Write ``record`` as indented JSON to ``path`` (parents created; nothing when ``path`` is ``None``)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+
 def diagnose(export: Path, teacher, scorer, data: torch.Tensor, seeds: list[int], n: int, teacher_nfe: int
              ) -> dict:
     student, sampling = load_exported(export)
@@ -109,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                         for e in args.exports]}
     for s in out["students"]:
         print(s["export"], json.dumps({k: v["mean"] for k, v in s["rows"].items()}), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_record(args.json, out)
     return out
 
 

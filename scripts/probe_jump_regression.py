@@ -38,7 +38,7 @@ from distill.evaluate import generate_student  # noqa: E402
 from distill.export import load_exported  # noqa: E402
 from distill.records import run_environment  # noqa: E402
 from distill.scorers import build_scorer  # noqa: E402
-from scripts.diag_chain_fid import jump, teacher_ode  # noqa: E402
+from scripts.diag_chain_fid import jump, teacher_ode, write_record  # noqa: E402
 from students import SamplingPlan  # noqa: E402
 from teachers import build_teacher  # noqa: E402
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(args.out / "model.safetensors"))
         for name in ("student_config.json", "sampling.json"):
             shutil.copy(args.export / name, args.out / name)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_record(args.json, out)
     return out
 
 
