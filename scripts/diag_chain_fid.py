@@ -51,8 +51,8 @@ def teacher_ode(teacher, x: torch.Tensor, sigma: float, nfe: int, chunk: int = 1
 
 @torch.no_grad()
 def jump(student, x: torch.Tensor, sigma: float, chunk: int = 1000) -> torch.Tensor:
-    """The student's jump ``J(x, sigma, 0)``."""
-    outs = []
+    """The student's jump ``J(x, sigma, 0)`` (an empty batch gives an empty result)."""
+    outs = [x[:0]]
     for i in range(0, x.shape[0], chunk):
         xs = x[i:i + chunk]
         a = torch.full((xs.shape[0],), sigma, dtype=xs.dtype)

@@ -901,6 +901,34 @@ def chain_fid(prefix: str) -> Callable[[Path], str]:
     return render
 
 
+def jump_regression(prefix: str) -> Callable[[Path], str]:
+    """Jump-regression probes (``scripts/probe_jump_regression.py``): per record ``docs/bench/sweeps/<prefix>*.json``,
+    the FID rows before and after the fine-tune (mean over sampling seeds, then the per-seed scores)."""
+    def render(root: Path) -> str:
+        files = sorted((root / BENCH / "sweeps").glob(f"{prefix}*.json"))
+        if not files:
+            return _missing(BENCH / "sweeps" / f"{prefix}*.json", "python scripts/probe_jump_regression.py EXPORT")
+        keys = (("one_step", "1-NFE"), ("chain", "2-NFE chain (its plan)"), ("chain_fresh", "2-NFE, fresh noise"),
+                ("jump_on_data", "second jump on noised real data"))
+        out = ["| probe | when | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        for f in files:
+            r = json.loads(f.read_text())
+            what = (f"`{f.name}`: {Path(r['export']).parent.name}/{Path(r['export']).name}, first jump {r['first']}, "
+                    f"on-policy {r['onpolicy']}, {r['steps']} steps at lr {r['lr']:g}")
+            for when in ("before", "after"):
+                cells = [f"{statistics.mean(r[when][k]):.3g} ({' / '.join(f'{x:.3g}' for x in r[when][k])})"
+                         for k, _ in keys]
+                out.append(f"| {what} | {when} | " + " | ".join(cells) + " |")
+        r0 = json.loads(files[0].read_text())
+        env = r0["environment"]
+        return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*.json` (scripts/probe_jump_regression.py; "
+                                     f"{r0['n']} samples per sampling seed, seeds {r0['seeds']}; commit "
+                                     f"`{env.get('git_commit', '?')[:12]}`, {env.get('machine', '?')}, "
+                                     f"{r0['wall_s']:.0f} s wall-clock sharing the CPU). A single-seed probe._"])
+
+    return render
+
+
 def jumps(prefix: str) -> Callable[[Path], str]:
     """Where a flow-map student's error comes from: one row per record ``docs/bench/sweeps/<prefix>*_jumps.json``
     (``scripts/diag_jumps.py``): the mean distance to the teacher's PF-ODE endpoint of the student's 1- and 2-NFE
@@ -1009,6 +1037,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "probes-ayf_gan": probes("ayf_gan_probe_", nfes=(2,)),
     "probes-ayf_first_jump": probes("ayf_first_jump_probe_"),
     "chain-ayf_first_jump": chain_fid("chain_ayf_first_jump"),
+    "jumpreg-ayf": jump_regression("jumpreg_"),
     "chain-digits_ayf": chain_fid("chain_digits_ayf"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),

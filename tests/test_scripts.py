@@ -234,9 +234,9 @@ def test_probe_jump_regression_changes_nothing_at_zero_lr_and_writes_a_loadable_
     mod = _load("probe_jump_regression")
     src = _digits_flowmap_export(tmp_path / "src", gamma=0.9)
     args = [str(src), "--steps", "3", "--pool", "32", "--first-pairs", "8", "--mid-nfe", "3", "--n", "64", "--seeds",
-            "0", "--threads", "1", "--onpolicy", "0.5"]
-    still = mod.main([*args, "--lr", "0", "--first", "anchor"])
+            "0", "--threads", "1"]
+    still = mod.main([*args, "--lr", "0", "--first", "anchor", "--onpolicy", "0"])
     assert still["after"] == still["before"]
-    moved = mod.main([*args, "--lr", "1e-3", "--first", "ode", "--out", str(tmp_path / "out")])
+    moved = mod.main([*args, "--lr", "1e-3", "--first", "ode", "--onpolicy", "0.5", "--out", str(tmp_path / "out")])
     assert moved["after"] != moved["before"] and len(moved["before"]["chain"]) == 1
     load_exported(tmp_path / "out")
