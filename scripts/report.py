@@ -914,17 +914,16 @@ def jump_regression(prefix: str) -> Callable[[Path], str]:
         for f in files:
             r = json.loads(f.read_text())
             what = (f"`{f.name}`: {Path(r['export']).parent.name}/{Path(r['export']).name}, first jump {r['first']}, "
-                    f"on-policy {r['onpolicy']}, {r['steps']} steps at lr {r['lr']:g}")
+                    f"on-policy {r['onpolicy']}, {r['steps']} steps at lr {r['lr']:g} (commit "
+                    f"`{r['environment'].get('git_commit', '?')[:7]}`, {r['wall_s']:.0f} s wall-clock sharing the CPU)")
             for when in ("before", "after"):
                 cells = [f"{statistics.mean(r[when][k]):.3g} ({' / '.join(f'{x:.3g}' for x in r[when][k])})"
                          for k, _ in keys]
                 out.append(f"| {what} | {when} | " + " | ".join(cells) + " |")
         r0 = json.loads(files[0].read_text())
-        env = r0["environment"]
         return "\n".join(out + ["", f"_Records `docs/bench/sweeps/{prefix}*.json` (scripts/probe_jump_regression.py; "
-                                     f"{r0['n']} samples per sampling seed, seeds {r0['seeds']}; commit "
-                                     f"`{env.get('git_commit', '?')[:12]}`, {env.get('machine', '?')}, "
-                                     f"{r0['wall_s']:.0f} s wall-clock sharing the CPU). A single-seed probe._"])
+                                     f"{r0['n']} samples per sampling seed, seeds {r0['seeds']}; "
+                                     f"{r0['environment'].get('machine', '?')}). Single-seed probes._"])
 
     return render
 
