@@ -74,13 +74,13 @@ def diagnose(export: Path, teacher, scorer, data: torch.Tensor, seeds: list[int]
     levels = [float(s) for s in plan_cfg["levels"]["2"]]
     mid, gamma = levels[1], float(plan_cfg["gamma"])
     scores: dict[str, list[float]] = {k: [] for k in ROWS}
+    plan = SamplingPlan(gamma=gamma, levels={2: tuple(levels), 1: (levels[0],)})
+    fresh = SamplingPlan(gamma=1.0, levels={2: tuple(levels)})
     for seed in tqdm(seeds, desc=export.name):
-        plan = SamplingPlan(gamma=gamma, levels={2: tuple(levels), 1: (levels[0],)})
         g = torch.Generator().manual_seed(1000 + seed)  # this script's own stream for re-noising and data draws
         x1 = generate_student(student, 1, n, seed, plan)[0]
         scores["one_step"].append(scorer(x1)["score"])
         scores["chain"].append(scorer(generate_student(student, 2, n, seed, plan)[0])["score"])
-        fresh = SamplingPlan(gamma=1.0, levels={2: tuple(levels)})
         scores["chain_fresh"].append(scorer(generate_student(student, 2, n, seed, fresh)[0])["score"])
         x_mid = x1 + mid * torch.randn(x1.shape, generator=g)
         scores["teacher_second"].append(scorer(teacher_ode(teacher, x_mid, mid, teacher_nfe))["score"])

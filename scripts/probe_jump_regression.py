@@ -49,11 +49,11 @@ def scores(student, scorer, data, levels, gamma, seeds, n) -> dict:
     """1-NFE, 2-NFE (the plan's gamma and gamma 1) and the second jump on noised real data, per sampling seed."""
     student.eval()
     mid, out = levels[1], {"one_step": [], "chain": [], "chain_fresh": [], "jump_on_data": []}
+    plan = SamplingPlan(gamma=gamma, levels={1: (levels[0],), 2: tuple(levels)})
+    fresh = SamplingPlan(gamma=1.0, levels={2: tuple(levels)})
     for seed in seeds:
-        plan = SamplingPlan(gamma=gamma, levels={1: (levels[0],), 2: tuple(levels)})
         out["one_step"].append(scorer(generate_student(student, 1, n, seed, plan)[0])["score"])
         out["chain"].append(scorer(generate_student(student, 2, n, seed, plan)[0])["score"])
-        fresh = SamplingPlan(gamma=1.0, levels={2: tuple(levels)})
         out["chain_fresh"].append(scorer(generate_student(student, 2, n, seed, fresh)[0])["score"])
         g = torch.Generator().manual_seed(1000 + seed)
         real = data[torch.randint(0, data.shape[0], (n,), generator=g)]

@@ -480,6 +480,11 @@ def _run_mean(run: dict[str, Any], nfe: int) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
+def _per_seed(xs: list[float]) -> str:
+    """Per-seed scores as ``a / b / c`` (3 significant digits)."""
+    return " / ".join(f"{x:.3g}" for x in xs)
+
+
 def _fmt_spread(xs: list[float], missing: str = "–") -> str:
     """``fmt`` of the mean +- sd of ``xs`` (the value alone for one: a single seed has no spread); ``missing`` for
     none."""
@@ -888,7 +893,7 @@ def chain_fid(prefix: str) -> Callable[[Path], str]:
         names = [f"`{Path(s['export']).parent.name}/{Path(s['export']).name}`" for s in students]
         out = ["| FID of | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for key, label in CHAIN_ROWS:
-            cells = [f"{s['rows'][key]['mean']:.3g} ({' / '.join(f'{x:.3g}' for x in s['rows'][key]['scores'])})"
+            cells = [f"{s['rows'][key]['mean']:.3g} ({_per_seed(s['rows'][key]['scores'])})"
                      for s in students]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         r0 = recs[0]
@@ -917,7 +922,7 @@ def jump_regression(prefix: str) -> Callable[[Path], str]:
                     f"on-policy {r['onpolicy']}, {r['steps']} steps at lr {r['lr']:g} (commit "
                     f"`{r['environment'].get('git_commit', '?')[:7]}`, {r['wall_s']:.0f} s wall-clock sharing the CPU)")
             for when in ("before", "after"):
-                cells = [f"{statistics.mean(r[when][k]):.3g} ({' / '.join(f'{x:.3g}' for x in r[when][k])})"
+                cells = [f"{statistics.mean(r[when][k]):.3g} ({_per_seed(r[when][k])})"
                          for k, _ in keys]
                 out.append(f"| {what} | {when} | " + " | ".join(cells) + " |")
         r0 = json.loads(files[0].read_text())
@@ -971,7 +976,7 @@ SWEEP_HEAD = ["| student | 2-NFE mid level | gamma | FID mean | per sampling see
 def _sweep_rows(model: str, rows: list[dict[str, Any]]) -> list[str]:
     """Table rows of one export's ``scripts/sweep_student_sampling.py`` rows, by mid level (descending) then gamma."""
     return [f"| {model} | {r['floor']:.3g} | {r['gamma']:g} | {r['mean']:.3g} | "
-            f"{' / '.join(f'{x:.3g}' for x in r['scores'])} |"
+            f"{_per_seed(r['scores'])} |"
             for r in sorted(rows, key=lambda r: (-r["floor"], r["gamma"]))]
 
 
@@ -1014,7 +1019,7 @@ def heldout(rel: str, gamma: float) -> Callable[[Path], str]:
             out += _sweep_rows(e["model"], e["rows"])
         scores = [r["score"] for r in t["rows"]]
         out.append(f"| teacher {t['sampler']}/{t['grid']} @ {t['nfe']} NFE | – | – | {statistics.mean(scores):.3g} | "
-                   f"{' / '.join(f'{x:.3g}' for x in scores)} |")
+                   f"{_per_seed(scores)} |")
         st, te = _heldout_cells(rec, gamma)
         out.append(f"\nAt gamma {gamma:g} (the config's): students {fmt(st[0], st[1])} ({st[2]}) vs teacher "
                    f"{fmt(te[0], te[1])} ({te[2]}).")
