@@ -196,13 +196,16 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
             points, :mod:`losses.parts.sigmas`: both objectives are identities along the teacher's PF-ODE, valid at
             every point); 0 = off, not in the paper.
         dm_weight, dm_levels, dm_start, critic_updates, fake_warmup, dm_sigma, fake_sigma, fake_init, dm_eps,
-        dm_divergence, dm_distance, dm_huber_c, dm_t_min, dm_t_max, dm_gan_weight, dm_gan_critic_weight: the
+        dm_divergence, dm_distance, dm_huber_c, dm_t_min, dm_t_max, dm_gan_weight, dm_gan_critic_weight,
+        dm_intermediate: the
             distribution-matching regulariser
             (:mod:`losses.parts.dm_regulariser`; rCM's score-based stand-in for the paper's adversarial fine-tuning):
             ``dm_weight`` times DMD's reverse-KL gradient (``dm_divergence="reverse_kl"``) or SIM's score-divergence
             gradient (``"sim"``) on the student's own ``len(dm_levels)``-step samples (drawn with
             ``sampling_gamma``), a fake score trained in a ``"critic"`` phase, optionally DMD2's GAN head on it
-            against ``batch.data`` (``dm_gan_weight``: the paper's adversarial fine-tuning in DMD2's form);
+            against ``batch.data`` (``dm_gan_weight``: the paper's adversarial fine-tuning in DMD2's form), the
+            chain's intermediate outputs matched at all levels or only at those they are re-noised to
+            (``dm_intermediate``);
             ``dm_weight = 0`` (the default) is the plain AYF objective with one phase.
     """
 
@@ -245,6 +248,7 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
         dm_t_max: float = 0.98,
         dm_gan_weight: float = 0.0,
         dm_gan_critic_weight: float = 1e-2,
+        dm_intermediate: str = "full",
     ) -> None:
         super().__init__()
         check_wide("ayf", wide_frac, wide_scale)
@@ -285,7 +289,8 @@ class AlignYourFlow(DistributionMatchingRegulariser, DistillLoss):
         self.init_dm("ayf", weight=dm_weight, levels=dm_levels, start=dm_start, critic_updates=critic_updates,
                      fake_warmup=fake_warmup, dm_sigma=dm_sigma, fake_sigma=fake_sigma, fake_init=fake_init,
                      eps=dm_eps, divergence=dm_divergence, distance=dm_distance, huber_c=dm_huber_c, t_min=dm_t_min,
-                     t_max=dm_t_max, gan_weight=dm_gan_weight, gan_critic_weight=dm_gan_critic_weight)
+                     t_max=dm_t_max, gan_weight=dm_gan_weight, gan_critic_weight=dm_gan_critic_weight,
+                     intermediate=dm_intermediate)
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

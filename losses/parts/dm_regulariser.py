@@ -36,9 +36,14 @@ from .rollout import check_levels, generator_rollout
 from .score_implicit import SIM_DISTANCES, sim_sample_grad, sum_dims
 from .sigmas import SigmaSampler, check_sigma_config
 
-__all__ = ["DM_DIVERGENCES", "DistributionMatchingRegulariser", "distribution_matching", "score_implicit_matching"]
+__all__ = ["DM_DIVERGENCES", "DM_INTERMEDIATE", "DistributionMatchingRegulariser", "distribution_matching",
+           "score_implicit_matching"]
 
 DM_DIVERGENCES = ("reverse_kl", "sim")
+#: which noise levels an intermediate output of the backward simulation (a row graded after jump ``k < L - 1``) is
+#: matched and fitted at: ``"full"`` the whole ``dm_t_min``/``dm_t_max`` range (DMD2's backward simulation),
+#: ``"above_next"`` only levels ``>= dm_levels[k + 1]``, the ones that survive the chain's re-noising
+DM_INTERMEDIATE = ("full", "above_next")
 
 
 def distribution_matching(x: Tensor, sigma: Tensor, teacher: nn.Module, fake: nn.Module, batch: Batch,
@@ -88,6 +93,11 @@ class DistributionMatchingRegulariser:
     ``dm_gan_critic_weight`` (DMD2's diffusion-GAN head on the fake score's features against the batch's real data,
     :mod:`.gan`: the generator's non-saturating term on the same samples, the classifier in the critic phase; 0 =
     off). With the GAN head the host loss's data must be the real data the student should match (``batch.data``).
+    ``dm_intermediate`` (:data:`DM_INTERMEDIATE`): ``"above_next"`` matches (and fits the fake score to) an
+    intermediate output of the chain only at the levels it is re-noised to or above: the chain re-noises jump ``k``'s
+    output to ``dm_levels[k + 1]``, so its content below that level never reaches a sample, and matching it there
+    pulls the intermediate jump towards detail the next jump redraws; the fake score then models the final outputs
+    alone below ``dm_levels[1]``. Needs ``"grid"`` densities.
     """
 
     dm_weight: float = 0.0
@@ -96,7 +106,7 @@ class DistributionMatchingRegulariser:
                 fake_warmup: int, dm_sigma: str, fake_sigma: str, fake_init: str, eps: float,
                 divergence: str = "reverse_kl", distance: str = "pseudo_huber", huber_c: float = 0.3,
                 t_min: float = 0.02, t_max: float = 0.98, gan_weight: float = 0.0,
-                gan_critic_weight: float = 1e-2) -> None:
+                gan_critic_weight: float = 1e-2, intermediate: str = "full") -> None:
         if not weight >= 0:
             raise ConfigError(f"{owner}: dm_weight must be >= 0 (0 = no distribution-matching term), got {weight}")
         for key, value in (("dm_start", start), ("fake_warmup", fake_warmup)):
@@ -105,9 +115,13 @@ class DistributionMatchingRegulariser:
         if int(critic_updates) != critic_updates or critic_updates < 1:
             raise ConfigError(f"{owner}: critic_updates must be an integer >= 1, got {critic_updates!r}")
         for key, value, valid in (("dm_divergence", divergence, DM_DIVERGENCES),
-                                  ("dm_distance", distance, SIM_DISTANCES)):
+                                  ("dm_distance", distance, SIM_DISTANCES),
+                                  ("dm_intermediate", intermediate, DM_INTERMEDIATE)):
             if value not in valid:
                 raise ConfigError(f"{owner}: unknown {key} {value!r}; valid: {', '.join(valid)}")
+        if intermediate != "full" and "lognormal" in (dm_sigma, fake_sigma):
+            raise ConfigError(f"{owner}: dm_intermediate={intermediate!r} bounds the levels per row on the grid; it "
+                              f"needs dm_sigma and fake_sigma 'grid', got {dm_sigma!r} and {fake_sigma!r}")
         if not huber_c > 0:
             raise ConfigError(f"{owner}: dm_huber_c must be > 0, got {huber_c}")
         if not (gan_weight >= 0 and gan_critic_weight >= 0):
@@ -133,6 +147,7 @@ class DistributionMatchingRegulariser:
         self.dm_divergence, self.dm_distance, self.dm_huber_c = divergence, distance, float(huber_c)
         self._dm_range = {"t_min": float(t_min), "t_max": float(t_max)}
         self.dm_gan_weight, self.dm_gan_critic_weight = float(gan_weight), float(gan_critic_weight)
+        self.dm_intermediate = intermediate
         self.gan_head: nn.Module | None = None  # a critic-phase submodule (its own parameter group) when on
         if self.dm_weight > 0:
             self.phases = ("critic", "student")
@@ -169,9 +184,17 @@ class DistributionMatchingRegulariser:
         """``{len(dm_levels): dm_levels}`` for the sampling plan (empty when off)."""
         return {len(self.dm_levels): tuple(self.dm_levels)} if self.dm_weight > 0 else {}
 
-    def _dm_generate(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
+    def _dm_generate(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
+                     ) -> tuple[Tensor, Tensor | None]:
+        """Generator samples ``[B, ...]`` and the per-row level floors ``[B]`` (``None`` under ``"full"``):
+        ``dm_levels[k + 1]`` for a row graded after intermediate jump ``k``, 0 for the final outputs."""
         gamma = float(getattr(self, "sampling_gamma", 1.0))
-        return generator_rollout(student, batch, ctx, self.dm_levels, teacher.data_shape, batch.labels, gamma)
+        x, k = generator_rollout(student, batch, ctx, self.dm_levels, teacher.data_shape, batch.labels, gamma,
+                                 return_steps=True)
+        if self.dm_intermediate == "full" or len(self.dm_levels) == 1:
+            return x, None
+        nxt = torch.tensor([*self.dm_levels[1:], 0.0], dtype=torch.float64, device=k.device)
+        return x, nxt[k]
 
     def dm_critic(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext
                   ) -> dict[str, Tensor]:
@@ -179,19 +202,20 @@ class DistributionMatchingRegulariser:
         ``dm_gan_critic_weight`` times the GAN classifier (noised real ``batch.data`` vs noised generated samples)."""
         check_single_guidance(batch.labels)
         with torch.no_grad():
-            x = self._dm_generate(student, teacher, batch, ctx)
-        sigma = self._fake_sampler(batch, x)
+            x, floor = self._dm_generate(student, teacher, batch, ctx)
+        sigma = self._fake_sampler(batch, x, floor)
         dsm = fake_dsm_loss(self.fake, x, sigma, batch.randn_like(x), batch.labels, float(teacher.sigma_data)).mean()
         out = {"loss": dsm, "dsm": dsm.detach()}
         if self.dm_gan_weight > 0:
-            gan_d, terms = gan_critic_terms(self._dm_owner, self._gan_logits, x, batch, ctx.device, ctx.dtype)
+            gan_d, terms = gan_critic_terms(self._dm_owner, lambda x_, b_: self._gan_logits(x_, b_, floor), x, batch,
+                                            ctx.device, ctx.dtype)
             out["loss"] = dsm + self.dm_gan_critic_weight * gan_d
             out.update(terms)
         return out
 
-    def _gan_logits(self, x: Tensor, batch: Batch) -> Tensor:
-        """GAN logits ``[B]`` of ``x`` re-noised at a ``dm_sigma`` level (DMD2 §4.3)."""
-        return noised_logits(self.gan_head, self._tap, self.fake, x, self._dm_sampler(batch, x), batch)
+    def _gan_logits(self, x: Tensor, batch: Batch, floor: Tensor | None = None) -> Tensor:
+        """GAN logits ``[B]`` of ``x`` re-noised at a ``dm_sigma`` level (DMD2 §4.3), ``>= floor`` per row if given."""
+        return noised_logits(self.gan_head, self._tap, self.fake, x, self._dm_sampler(batch, x, floor), batch)
 
     def dm_term(self, student: nn.Module, teacher: nn.Module, batch: Batch, ctx: StepContext,
                 out: dict[str, Tensor]) -> Tensor | float:
@@ -201,8 +225,8 @@ class DistributionMatchingRegulariser:
         up)."""
         if self.dm_weight <= 0 or ctx.iteration < self.dm_start:
             return 0.0
-        x = self._dm_generate(student, teacher, batch, ctx)
-        sigma, guidance = self._dm_sampler(batch, x), float(getattr(self, "guidance", 1.0))
+        x, floor = self._dm_generate(student, teacher, batch, ctx)
+        sigma, guidance = self._dm_sampler(batch, x, floor), float(getattr(self, "guidance", 1.0))
         if self.dm_divergence == "sim":
             loss, terms = score_implicit_matching(x, sigma, teacher, self.fake, batch, guidance, self.dm_distance,
                                                   self.dm_huber_c)
@@ -214,7 +238,7 @@ class DistributionMatchingRegulariser:
         loss = self.dm_weight * loss
         if self.dm_gan_weight > 0:
             with no_param_grad(self.fake, self.gan_head):
-                gan_g = gan_generator_loss(self._gan_logits(x, batch)).mean()
+                gan_g = gan_generator_loss(self._gan_logits(x, batch, floor)).mean()
             out["gan_g"] = gan_g.detach()
             loss = loss + self.dm_gan_weight * gan_g
         return loss

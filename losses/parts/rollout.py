@@ -30,7 +30,8 @@ def check_levels(owner: str, levels: Sequence[float] | None) -> list[float] | No
 
 
 def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels: Sequence[float],
-                      data_shape: Sequence[int], cond: Tensor | None = None, gamma: float = 1.0) -> Tensor:
+                      data_shape: Sequence[int], cond: Tensor | None = None, gamma: float = 1.0,
+                      return_steps: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Generator samples ``[B, *data_shape]``, differentiable through the last jump iff grad is enabled.
 
     One level ``[sigma_0]`` (a one-step generator, normally ``sigma_0 = sigma_max``): ``x = J(sigma_0 z, sigma_0, 0)``
@@ -52,6 +53,9 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
         levels: ``[L]`` strictly descending noise levels.
         data_shape: one sample's shape.
         cond: ``[B]`` labels or ``None``.
+        gamma: the sampler's CTM gamma (above).
+        return_steps: also return ``k: [B]`` (long), the index of each row's graded jump's start level (so row ``i``
+            is an intermediate output of the chain iff ``k_i < L - 1``; all zeros for one level).
     """
     if not 0.0 <= float(gamma) <= 1.0:
         raise ConfigError(f"generator rollout: gamma must lie in [0, 1], got {gamma}")
@@ -60,7 +64,8 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
     zero = torch.zeros(n, device=dev, dtype=dt)
     x = sig[0] * batch.randn(*data_shape, dtype=dt).to(dev)
     if len(levels) == 1:
-        return student(x, sig[0].expand(n), zero, cond)
+        out = student(x, sig[0].expand(n), zero, cond)
+        return (out, torch.zeros(n, dtype=torch.long, device=dev)) if return_steps else out
     scale = math.sqrt(1.0 - float(gamma) ** 2)
     k = batch.randint(len(levels)).to(dev)
     with torch.no_grad():
@@ -74,4 +79,5 @@ def generator_rollout(student: nn.Module, batch: Batch, ctx: StepContext, levels
                 if u < t:
                     renoised = renoised + math.sqrt(t * t - u * u) * noise
                 x = torch.where(append_dims(k > j, x.ndim), renoised, x)
-    return student(x, sig[k], zero, cond)
+    out = student(x, sig[k], zero, cond)
+    return (out, k) if return_steps else out

@@ -18,6 +18,8 @@ from, so they refuse it (:func:`check_wide`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,16 +66,37 @@ class SigmaSampler:
         self.grid = karras_sigmas(num_levels, sigma_min, sigma_max, append_zero=False)  # [num_levels] float64, desc.
         self.t_min, self.t_max, self.p_mean, self.p_std = t_min, t_max, p_mean, p_std
 
-    def __call__(self, batch: Batch, like: Tensor) -> Tensor:
-        """``[B]`` levels on ``like``'s device and dtype (computed in float64)."""
+    def __call__(self, batch: Batch, like: Tensor, floor: Tensor | None = None) -> Tensor:
+        """``[B]`` levels on ``like``'s device and dtype (computed in float64).
+
+        ``floor: [B]`` (``"grid"`` only): per-row lower bounds; row ``i`` draws uniformly among the grid levels of
+        ``[t_min, t_max]`` that are ``>= floor_i`` (the largest level in range when none is; ``0`` = no bound). The
+        draws are the same as without it, so rows whose bound cuts nothing get the same level."""
         if self.density == "grid":
-            _, sigma = discrete_index_sigma_from_uniform(batch.rand(dtype=torch.float64), self.grid, self.t_min,
-                                                         self.t_max)
+            u = batch.rand(dtype=torch.float64)
+            if floor is None:
+                _, sigma = discrete_index_sigma_from_uniform(u, self.grid, self.t_min, self.t_max)
+            else:
+                sigma = self._floored_grid(u, floor)
         else:
+            if floor is not None:
+                raise ValueError("SigmaSampler: per-row floors need the 'grid' density")
             lo, hi = float(self.grid[-1]), float(self.grid[0])
             sigma = lognormal_sigma_from_normal(batch.randn(dtype=torch.float64), self.p_mean, self.p_std)
             sigma = sigma.clamp(lo, hi)
         return sigma.to(device=like.device, dtype=like.dtype)
+
+    def _floored_grid(self, u: Tensor, floor: Tensor) -> Tensor:
+        """The ``"grid"`` draw with per-row upper index bounds: the last index whose level is ``>= floor``."""
+        grid = self.grid.to(u.device)
+        n = grid.numel()
+        i_lo = int(math.floor(self.t_min * (n - 1)))
+        i_hi = int(math.ceil(self.t_max * (n - 1)))
+        # grid is descending: the levels >= floor are the first ``count`` entries
+        count = (grid.unsqueeze(0) >= floor.to(u.device, torch.float64).unsqueeze(1)).sum(1)
+        top = (count - 1).clamp(i_lo, i_hi)
+        idx = (i_lo + (u * (top - i_lo + 1)).floor().long()).clamp(torch.full_like(top, i_lo), top)
+        return grid[idx]
 
 
 def check_wide(owner: str, frac: float, scale: float, refuse: str | None = None) -> None:
