@@ -9,6 +9,8 @@ q(sigma) = sqrt(S^2 + sigma^2):
   gradient descent on the term alone reaches the shift whose samples have mean M2, in closed form; all three for
   both divergences (DMD's reverse KL and SIM's score divergence, whose term is also checked against the ``sim``
   loss's own sample gradient);
+* ``dm_intermediate="above_next"``: the rows graded after an intermediate jump are matched and fitted only at levels
+  ``>=`` the next chain level (per-row grid floors), the final rows at exactly the levels ``"full"`` gives them;
 * the schedule (host-only, fake warm-up, TTUR), the sampling plan's levels and the config errors; a ring run with the
   regulariser resumes bit for bit.
 """
@@ -25,6 +27,7 @@ from losses import build_loss
 from losses.base import NONFINITE_ROWS
 from losses.parts import generator_rollout
 from losses.parts.dm_regulariser import score_implicit_matching
+from losses.parts.sigmas import SigmaSampler
 from students import FlowMapStudent
 from students.sampling import sample_student
 from teachers import GaussianMixtureTeacher
@@ -110,6 +113,85 @@ def test_deterministic_backward_simulation_is_the_samplers_chain():
         generator_rollout(inexact, b, ctx(dtype=DT), levels, (1,), gamma=1.5)
     with pytest.raises(ConfigError, match="gamma"):  # checked for a one-step generator too
         generator_rollout(inexact, b, ctx(dtype=DT), [SMAX], (1,), gamma=-0.5)
+
+
+def test_rollout_returns_each_rows_step():
+    levels = [SMAX, 1.0, 0.3]
+    st = ShiftedFlowMap(theta=0.8, shift=0.3)
+    out = generator_rollout(st, batch(size=300, seed=2, dtype=DT), ctx(dtype=DT), levels, (1,), gamma=0.5)
+    x, k = generator_rollout(st, batch(size=300, seed=2, dtype=DT), ctx(dtype=DT), levels, (1,), gamma=0.5,
+                             return_steps=True)
+    replay = batch(size=300, seed=2, dtype=DT)
+    replay.randn(1)
+    torch.testing.assert_close(x, out)
+    assert torch.equal(k, replay.randint(3)) and k.dtype == torch.long
+    x1, k1 = generator_rollout(st, batch(size=5, seed=2, dtype=DT), ctx(dtype=DT), [SMAX], (1,), return_steps=True)
+    assert x1.shape == (5, 1) and torch.equal(k1, torch.zeros(5, dtype=torch.long))
+
+
+def test_sigma_sampler_floors_per_row():
+    """Per-row floors keep the draws (a zero floor changes nothing), bound every level from below, stay uniform over
+    the admissible grid levels, and fall back to the range's largest level when the floor is above it."""
+    smp = SigmaSampler("grid", 0.002, SMAX, t_min=0.2, t_max=1.0)
+    top = float(smp.grid[int(0.2 * 999)])
+    n = 20000
+    plain = smp(batch(size=n, seed=3, dtype=DT), torch.zeros(n, dtype=DT))
+    zero = smp(batch(size=n, seed=3, dtype=DT), torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT))
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
+    floor = torch.where(torch.arange(n) % 2 == 0, 1.0, 0.0).to(DT)
+    got = smp(batch(size=n, seed=3, dtype=DT), torch.zeros(n, dtype=DT), floor)
+    assert float(got[floor > 0].min()) >= 1.0 and float(plain.min()) < 0.01 and float(got.max()) <= top
+    torch.testing.assert_close(got[floor == 0], plain[floor == 0], rtol=0, atol=0)  # unbounded rows: same levels
+    allowed = smp.grid[(smp.grid >= 1.0) & (smp.grid <= top)]
+    hits = torch.stack([(got[floor > 0] == lv).sum() for lv in allowed]).double()
+    # every admissible level, about uniformly (~25 hits each: Poisson spread 0.2 of the mean)
+    assert int(hits.sum()) == n // 2 and float(hits.min()) > 0 and float(hits.std() / hits.mean()) < 0.3
+    above = smp(batch(size=8, seed=3, dtype=DT), torch.zeros(8, dtype=DT), torch.full((8,), 200.0, dtype=DT))
+    torch.testing.assert_close(above, torch.full((8,), top, dtype=DT))
+    with pytest.raises(ValueError, match="grid"):
+        SigmaSampler("lognormal", 0.002, SMAX)(batch(size=4, seed=0, dtype=DT), torch.zeros(4, dtype=DT),
+                                               torch.zeros(4, dtype=DT))
+
+
+class _Recorder:
+    def __init__(self, sampler):
+        self.sampler, self.calls = sampler, []
+
+    def __call__(self, b, like, floor=None):
+        out = self.sampler(b, like, floor)
+        self.calls.append((floor, out))
+        return out
+
+
+@pytest.mark.parametrize("phase", ["student", "critic"])
+def test_above_next_matches_intermediate_outputs_above_the_next_level(phase):
+    """Under ``above_next`` the rows graded after the first jump of a [80, 1.0, 0.3] chain get levels >= 1.0, those
+    after the second >= 0.3, and the final rows the very levels ``"full"`` draws for them; the student phase still
+    injects a gradient."""
+    levels = [SMAX, 1.0, 0.3]
+    st, te = ShiftedFlowMap(theta=0.9, shift=0.2), teacher()
+    data = M + S * torch.randn(512, 1, dtype=DT, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for mode in ("full", "above_next"):
+        loss = dm_ayf(dm_levels=levels, dm_intermediate=mode, dm_t_min=0.02, dm_t_max=1.0, fake_sigma="grid")
+        loss.fake = GaussianFake(lambda: M + 0.3, S)
+        name = "_dm_sampler" if phase == "student" else "_fake_sampler"
+        rec = _Recorder(getattr(loss, name))
+        setattr(loss, name, rec)
+        out = loss(phase, st, te, batch(data, seed=4), ctx(5, dtype=DT))
+        (floor, sigma), = rec.calls
+        runs[mode] = (floor, sigma, out)
+    assert runs["full"][0] is None
+    floor, sigma, out = runs["above_next"]
+    steps = {float(v) for v in floor.unique()}
+    assert steps == {1.0, 0.3, 0.0}  # rows of every step
+    assert bool((sigma >= floor).all())
+    last = floor == 0
+    torch.testing.assert_close(sigma[last], runs["full"][1][last], rtol=0, atol=0)
+    assert float(runs["full"][1][~last].min()) < 0.3  # "full" did draw fine levels for intermediate rows
+    if phase == "student":
+        (g,) = torch.autograd.grad(out["loss"], st.shift)
+        assert float(g.abs()) > 0 and float(out[NONFINITE_ROWS]) == 0
 
 
 DIVERGENCES = [{"dm_divergence": "reverse_kl"}, {"dm_divergence": "sim"},
@@ -240,6 +322,8 @@ def test_schedule_plan_and_phases():
     ({"dm_t_min": 0.5, "dm_t_max": 0.4}, "dm_t_min"),
     ({"dm_weight": 1.0, "dm_levels": [80.0], "dm_gan_weight": -0.1}, "dm_gan_weight"),
     ({"dm_gan_weight": 0.1}, "needs dm_weight"),
+    ({"dm_intermediate": "coarse"}, "dm_intermediate"),
+    ({"dm_intermediate": "above_next", "fake_sigma": "lognormal"}, "needs dm_sigma and fake_sigma 'grid'"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
