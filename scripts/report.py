@@ -216,9 +216,11 @@ def results(root: Path) -> str:
     # suites that re-run a config another suite has (more seeds, longer runs) are labelled with their name
     again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds",
              "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_dm": "fine-tune of digits_ayf_init",
-             "digits_ayf_sim": "fine-tune of digits_ayf_init"}
+             "digits_ayf_sim": "fine-tune of digits_ayf_init",
+             "digits_ayf_sim_next": "digits_ayf_sim, intermediate outputs matched above mid"}
     for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont",
-                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim", "ring", "ring_score",
+                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim", "digits_ayf_sim_next",
+                 "ring", "ring_score",
                  "ring_traj",
                  "ring_cont", "ring_scm_seeds"):
         rel = BENCH / f"{name}.json"
@@ -456,18 +458,19 @@ def bars(root: Path) -> str:
     out += _cont_bars("ring_cont", _load(BENCH / "ring_cont.json", root))
     out += _all_seeds_bar(root, "ring_scm", ("ring_cont", "ring_scm_seeds"))
     out += _digits_cont_bars("digits_cont", _load(BENCH / "digits_cont.json", root))
-    for suite_name in ("digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim"):
+    for suite_name in ("digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim", "digits_ayf_sim_next"):
         out += _digits_cont_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
     for suite_name in ("ring_cont", "ring_jvp", "digits_cont", "digits_cont_long", "digits_ayf_init", "digits_ayf_dm",
-                       "digits_ayf_sim",
+                       "digits_ayf_sim", "digits_ayf_sim_next",
                        "ring_scm_seeds"):
         out += _no_nan_bar(suite_name, _load(BENCH / f"{suite_name}.json", root))
-    rec = _load(Path("docs/bench/sweeps/digits_ayf_sim_heldout.json"), root)
-    if rec:
-        (m, sd, _), (ref, ref_sd, _) = _heldout_cells(rec, 0.9)
-        out.append(f"| digits_ayf_sim re-scored on fresh sampling seeds 20-25: 2-NFE at the teacher's Heun-35 within "
-                   f"the seed spread (same statistic) | {fmt(m, sd)} vs {fmt(ref, ref_sd)} | "
-                   f"{'yes' if m - sd <= ref + ref_sd else 'no'} |")
+    for suite_name in ("digits_ayf_sim", "digits_ayf_sim_next"):
+        rec = _load(Path(f"docs/bench/sweeps/{suite_name}_heldout.json"), root)
+        if rec:
+            (m, sd, _), (ref, ref_sd, _) = _heldout_cells(rec, 0.9)
+            out.append(f"| {suite_name} re-scored on fresh sampling seeds 20-25: 2-NFE at the teacher's Heun-35 "
+                       f"within the seed spread (same statistic) | {fmt(m, sd)} vs {fmt(ref, ref_sd)} | "
+                       f"{'yes' if m - sd <= ref + ref_sd else 'no'} |")
     out += _issue13_bars(root)
     for suite_name in ("digits_score", "digits_long", "digits_sim_long"):
         out += _one_step_digits_bars(suite_name, _load(BENCH / f"{suite_name}.json", root))
@@ -1032,6 +1035,7 @@ def heldout(rel: str, gamma: float) -> Callable[[Path], str]:
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "heldout-digits_ayf_sim": heldout("docs/bench/sweeps/digits_ayf_sim_heldout.json", 0.9),
+    "heldout-digits_ayf_sim_next": heldout("docs/bench/sweeps/digits_ayf_sim_next_heldout.json", 0.9),
     "gamma-ayf_dm": gamma_sweeps("docs/bench/sweeps/ayf_dm_probe_gamma_sweeps.json"),
     "main-job": main_job,
     "sweep-ring_scm": sweep("ring_scm_seeds_"),
@@ -1043,6 +1047,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "chain-ayf_first_jump": chain_fid("chain_ayf_first_jump"),
     "jumpreg-ayf": jump_regression("jumpreg_"),
     "chain-digits_ayf": chain_fid("chain_digits_ayf"),
+    "chain-next": chain_fid("chain_next"),
     "probes-ring_scm": probes("ring_scm_probe_", (1, 2, 4, 8)),
     "probes-ring_flowmaps": probes("ring_flowmap_probe_", (1, 2, 4, 8)),
     "probes-grid_cont": probes("grid_probe_", (1, 2, 4, 8)),
@@ -1090,6 +1095,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "curve-digits_ayf_dm": curve("digits_ayf_dm"),
     "suite-digits_ayf_sim": suite("digits_ayf_sim"),
     "curve-digits_ayf_sim": curve("digits_ayf_sim"),
+    "suite-digits_ayf_sim_next": suite("digits_ayf_sim_next"),
+    "curve-digits_ayf_sim_next": curve("digits_ayf_sim_next"),
     "curve-digits_traj": curve("digits_traj"),
     "suite-ring_cont": suite("ring_cont"),
     "modes-ring_cont": modes("ring_cont"),
