@@ -215,14 +215,13 @@ def results(root: Path) -> str:
     notes = []
     # suites that re-run a config another suite has (more seeds, longer runs) are labelled with their name
     again = {"digits_cont_long": "3000 it re-run", "ring_scm_seeds": "4 more training seeds",
-             "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_dm": "fine-tune of digits_ayf_init",
+             "digits_ayf_init": "3000 it, 2 seeds", "digits_ayf_init_more": "training seeds 3 and 4",
+             "digits_ayf_dm": "fine-tune of digits_ayf_init",
              "digits_ayf_sim": "fine-tune of digits_ayf_init",
              "digits_ayf_sim_next": "digits_ayf_sim, intermediate outputs matched above mid"}
     for name in ("digits", "digits_score", "digits_sim_long", "digits_dmd2", "digits_traj", "digits_cont",
-                 "digits_cont_long", "digits_ayf_init", "digits_ayf_dm", "digits_ayf_sim", "digits_ayf_sim_next",
-                 "ring", "ring_score",
-                 "ring_traj",
-                 "ring_cont", "ring_scm_seeds"):
+                 "digits_cont_long", "digits_ayf_init", "digits_ayf_init_more", "digits_ayf_dm", "digits_ayf_sim",
+                 "digits_ayf_sim_next", "ring", "ring_score", "ring_traj", "ring_cont", "ring_scm_seeds"):
         rel = BENCH / f"{name}.json"
         rec = _load(rel, root)
         if not rec and name == "digits_dmd2" and _history_dmd2_rows(root):
