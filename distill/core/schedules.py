@@ -149,16 +149,25 @@ def lognormal_sigma_from_normal(z: Tensor, p_mean: float = -1.2, p_std: float = 
     return (p_mean + p_std * z).exp()
 
 
-def discrete_index_sigma_from_uniform(u: Tensor, grid: Tensor, lo: float = 0.0, hi: float = 1.0
-                                      ) -> tuple[Tensor, Tensor]:
+def discrete_index_sigma_from_uniform(u: Tensor, grid: Tensor, lo: float = 0.0, hi: float = 1.0,
+                                      floor: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`sample_discrete_index_sigma` from uniform draws: index ``i_lo + floor(u (i_hi - i_lo + 1))``, uniform
     over the integers of ``[floor(lo (n - 1)), ceil(hi (n - 1))]`` of the descending, zero-free ``grid: [n]``.
 
-    Args: ``u: [B]`` uniform in ``[0, 1)``. Returns ``(index [B] long, sigma [B])`` on ``u``'s device; ``sigma`` has
-    the grid's dtype.
+    Args: ``u: [B]`` uniform in ``[0, 1)``; ``floor: [B]`` optional per-row lower bounds on the level: row ``i``'s
+    upper index is then the last one in range whose level is ``>= floor_i`` (``i_lo`` when none is; a floor of 0
+    changes nothing, the same draw giving the same index). Returns ``(index [B] long, sigma [B])`` on ``u``'s device;
+    ``sigma`` has the grid's dtype.
     """
+    grid = grid.to(u.device)
     n = grid.numel()
     i_lo = int(math.floor(lo * (n - 1)))
     i_hi = int(math.ceil(hi * (n - 1)))
-    idx = (i_lo + (u.double() * (i_hi - i_lo + 1)).floor().long()).clamp(i_lo, i_hi)
-    return idx, grid.to(u.device)[idx]
+    if floor is None:
+        idx = (i_lo + (u.double() * (i_hi - i_lo + 1)).floor().long()).clamp(i_lo, i_hi)
+        return idx, grid[idx]
+    # the grid is descending: the levels >= floor are its first ``count`` entries
+    count = (grid.unsqueeze(0) >= floor.to(u.device, grid.dtype).unsqueeze(1)).sum(1)
+    top = (count - 1).clamp(i_lo, i_hi)
+    idx = torch.minimum((i_lo + (u.double() * (top - i_lo + 1)).floor().long()).clamp_min(i_lo), top)
+    return idx, grid[idx]

@@ -18,8 +18,6 @@ from, so they refuse it (:func:`check_wide`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -73,11 +71,8 @@ class SigmaSampler:
         ``[t_min, t_max]`` that are ``>= floor_i`` (the largest level in range when none is; ``0`` = no bound). The
         draws are the same as without it, so rows whose bound cuts nothing get the same level."""
         if self.density == "grid":
-            u = batch.rand(dtype=torch.float64)
-            if floor is None:
-                _, sigma = discrete_index_sigma_from_uniform(u, self.grid, self.t_min, self.t_max)
-            else:
-                sigma = self._floored_grid(u, floor)
+            _, sigma = discrete_index_sigma_from_uniform(batch.rand(dtype=torch.float64), self.grid, self.t_min,
+                                                         self.t_max, floor)
         else:
             if floor is not None:
                 raise ValueError("SigmaSampler: per-row floors need the 'grid' density")
@@ -85,18 +80,6 @@ class SigmaSampler:
             sigma = lognormal_sigma_from_normal(batch.randn(dtype=torch.float64), self.p_mean, self.p_std)
             sigma = sigma.clamp(lo, hi)
         return sigma.to(device=like.device, dtype=like.dtype)
-
-    def _floored_grid(self, u: Tensor, floor: Tensor) -> Tensor:
-        """The ``"grid"`` draw with per-row upper index bounds: the last index whose level is ``>= floor``."""
-        grid = self.grid.to(u.device)
-        n = grid.numel()
-        i_lo = int(math.floor(self.t_min * (n - 1)))
-        i_hi = int(math.ceil(self.t_max * (n - 1)))
-        # grid is descending: the levels >= floor are the first ``count`` entries
-        count = (grid.unsqueeze(0) >= floor.to(u.device, torch.float64).unsqueeze(1)).sum(1)
-        top = (count - 1).clamp(i_lo, i_hi)
-        idx = (i_lo + (u * (top - i_lo + 1)).floor().long()).clamp(torch.full_like(top, i_lo), top)
-        return grid[idx]
 
 
 def check_wide(owner: str, frac: float, scale: float, refuse: str | None = None) -> None:
